@@ -1,0 +1,33 @@
+// Schemas of every megan_fast op, defined once.  Device kernels register
+// themselves beside their code: csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(..., CPU))
+// and, from Python, the Triton kernels for CUDA (megan_fast/triton/).
+// Fake (meta) kernels and autograd formulas live in megan_fast/ops/*.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import megan_fast._C` loads this library, which runs the registrations
+// below; the module itself exposes nothing.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "megan_fast C++ kernels (registered as torch.ops.megan_fast.*)", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(megan_fast, m) {
+  // Fake kernels and autograd are registered in Python; torch imports this
+  // module when it needs them for an op called straight from torch.ops.
+  m.set_python_module("megan_fast.ops");
+  // Modulated deformable convolution (DCNv2), torchvision's layout and numerics.
+  // mask None means all ones.  groups = input.size(1) / weight.size(1);
+  // offset groups = offset.size(1) / (2 * kh * kw).
+  m.def(
+      "modulated_deform_conv2d(Tensor input, Tensor offset, Tensor weight, Tensor? bias, Tensor? mask, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // Returns (grad_input, grad_offset, grad_weight, grad_mask); grad_mask is an
+  // empty (0,) tensor when mask is None.  The bias gradient is grad_output's sum.
+  m.def(
+      "modulated_deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor weight, "
+      "Tensor? mask, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,3 @@
+from megan_fast.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""Benchmark cases and timing helpers shared by benchmarks/ and ``megan-fast bench``.
+
+The shapes are MEGAN's: 64->64 channels, 3x3, padding 1, 8 offset groups, at
+the 64x112 feature size (batch 4) and the 32x32 training crop (batch 16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from megan_fast.ops import modulated_deform_conv2d, use_backend
+
+
+@dataclasses.dataclass(frozen=True)
+class DCNCase:
+    name: str
+    batch: int
+    channels: int
+    height: int
+    width: int
+    offset_groups: int = 8
+    kernel: int = 3
+
+
+DCN_CASES = (
+    DCNCase("b4-c64-64x112", 4, 64, 64, 112),
+    DCNCase("b16-c64-32x32", 16, 64, 32, 32),
+)
+
+
+def dcn_inputs(case: DCNCase, device="cpu", dtype=torch.float32, requires_grad=False, seed=0) -> dict:
+    """Random DCN inputs for ``case`` (offsets of a few pixels, sigmoid mask)."""
+    g = torch.Generator().manual_seed(seed)
+    k = case.kernel
+    kk = case.offset_groups * k * k
+    b, c, h, w = case.batch, case.channels, case.height, case.width
+
+    def make(*shape, scale=1.0, fn=None):
+        t = torch.randn(*shape, generator=g) * scale
+        if fn is not None:
+            t = fn(t)
+        return t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    return {
+        "input": make(b, c, h, w),
+        "offset": make(b, 2 * kk, h, w, scale=2.0),
+        "weight": make(c, c, k, k, scale=(1.0 / (c * k * k)) ** 0.5),
+        "bias": make(c),
+        "mask": make(b, kk, h, w, fn=torch.sigmoid),
+    }
+
+
+def dcn_step(backend: str, inputs: dict, backward: bool) -> Callable[[], None]:
+    """A closure running one forward (and backward) of the DCN op on ``backend``."""
+    tensors = (inputs["input"], inputs["offset"], inputs["weight"], inputs["bias"], inputs["mask"])
+    grad = None
+
+    def run() -> None:
+        nonlocal grad
+        with use_backend(backend):
+            out = modulated_deform_conv2d(
+                inputs["input"], inputs["offset"], inputs["weight"], inputs["bias"], 1, 1, 1, inputs["mask"]
+            )
+        if backward:
+            if grad is None:
+                grad = torch.randn_like(out)
+            torch.autograd.grad(out, tensors, grad)
+
+    return run
+
+
+def median_seconds(fn: Callable[[], None], min_run_time: float = 1.0, sync_cuda: bool = False) -> float:
+    """Median seconds per call (torch.utils.benchmark, after a warm-up call)."""
+    import torch.utils.benchmark as tb
+
+    fn()
+    if sync_cuda:
+        torch.cuda.synchronize()
+    timer = tb.Timer(stmt="fn()", globals={"fn": fn})
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def dcn_summary(backends=("native", "stock"), cases=None, device="cpu", min_run_time=1.0) -> list[dict]:
+    """Times forward and forward+backward per case (default: :data:`DCN_CASES`) and backend."""
+    rows = []
+    for case in cases if cases is not None else DCN_CASES:
+        for backward in (False, True):
+            inputs = dcn_inputs(case, device=device, requires_grad=backward)
+            times = {}
+            for backend in backends:
+                times[backend] = median_seconds(
+                    dcn_step(backend, inputs, backward), min_run_time, sync_cuda=device == "cuda"
+                )
+            rows.append({"case": case.name, "pass": "fwd+bwd" if backward else "fwd", "seconds": times})
+    return rows

@@ -1,0 +1,96 @@
+"""``megan-fast`` console script: ``info`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    import megan_fast
+    from megan_fast import _ext
+    from megan_fast.ops import _backend
+
+    print(f"megan_fast {megan_fast.__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}", end="")
+    try:
+        import torchvision
+
+        print(f", torchvision {torchvision.__version__}", end="")
+    except ImportError:
+        pass
+    try:
+        import triton
+
+        print(f", triton {triton.__version__}")
+    except ImportError:
+        print(", triton not installed")
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"CPU threads: {torch.get_num_threads()}; CUDA device: {cuda}")
+    print()
+    print("kernels:")
+    print(f"  native (C++, CPU): {'built' if _ext.NATIVE_AVAILABLE else 'not built: ' + str(_ext.NATIVE_ERROR)}")
+    for dt in _backend.DEVICE_TYPES:
+        reason = _backend.triton_status(dt)
+        print(f"  triton ({dt}): {'available' if reason is None else 'unavailable: ' + reason}")
+    print()
+    env = os.environ.get(_backend.ENV_VAR)
+    print(f"backend: {_backend.get_backend()}" + (f" (from {_backend.ENV_VAR}={env})" if env else ""))
+    print(f"  {'op':<28} {'device':<7} {'backend':<10} status")
+    for row in _backend.describe():
+        print(f"  {row['op']:<28} {row['device']:<7} {row['backend']:<10} {row['status']}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from megan_fast import benchmarking
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backends = tuple(args.backends.split(","))
+    if "stock" not in backends:
+        backends = backends + ("stock",)
+    print(f"modulated_deform_conv2d on {args.device}, float32, {torch.get_num_threads()} threads, median ms per call")
+    header = f"{'case':<16} {'pass':<8} " + " ".join(f"{b:>10}" for b in backends) + "  speed-up vs stock"
+    print(header)
+    for row in benchmarking.dcn_summary(backends, device=args.device, min_run_time=args.min_time):
+        secs = row["seconds"]
+        cells = " ".join(f"{secs[b] * 1e3:>10.2f}" for b in backends)
+        ratios = ", ".join(f"{b} {secs['stock'] / secs[b]:.1f}x" for b in backends if b != "stock")
+        print(f"{row['case']:<16} {row['pass']:<8} {cells}  {ratios}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megan-fast", description="Fast MEGAN space-time video super-resolution.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="which kernels are built and which backend each op uses")
+    p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("bench", help="time the fused ops against the stock implementation")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--backends", default="native,stock", help="comma-separated backends (default: native,stock)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per measurement")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "bench" and args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("megan-fast bench: --device cuda but no CUDA device is available", file=sys.stderr)
+            return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""Thin ``nn.Module`` wrappers over the fused ops."""
+
+from megan_fast.nn.deform_conv import DCNPack, ModulatedDeformConv2d
+
+__all__ = ["ModulatedDeformConv2d", "DCNPack"]

@@ -1,0 +1,5 @@
+"""Plain-PyTorch references of the fused ops: slow, obviously correct, differentiable by autograd."""
+
+from megan_fast.reference.deform_conv import modulated_deform_conv2d_reference
+
+__all__ = ["modulated_deform_conv2d_reference"]
