@@ -30,4 +30,15 @@ TORCH_LIBRARY(megan_fast, m) {
   m.def(
       "modulated_deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor weight, "
       "Tensor? mask, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Dot-product non-local attention: out = softmax(scale * q k^T, dim=-1) v,
+  // q (b, n, d), k (b, m, d), v (b, m, dv) -> out (b, n, dv) in q's dtype and
+  // lse (b, n) float32 (float64 for float64 q), the log-sum-exp of each row of
+  // scale * q k^T, saved for the backward, which recomputes the n x m matrix
+  // block by block.
+  m.def("nonlocal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  // Returns (grad_q, grad_k, grad_v).
+  m.def(
+      "nonlocal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "float scale) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,5 +1,6 @@
 """Thin ``nn.Module`` wrappers over the fused ops."""
 
 from megan_fast.nn.deform_conv import DCNPack, ModulatedDeformConv2d
+from megan_fast.nn.nonlocal_block import NonLocalBlock
 
-__all__ = ["ModulatedDeformConv2d", "DCNPack"]
+__all__ = ["ModulatedDeformConv2d", "DCNPack", "NonLocalBlock"]

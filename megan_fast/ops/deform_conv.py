@@ -4,8 +4,8 @@ fake kernels, autograd and backend wiring.
 Layers (as in flash-attention's interface file):
     kernels      csrc/cpu/deform_conv.cpp (C++), megan_fast/triton/deform_conv.py
     ops          torch.ops.megan_fast.modulated_deform_conv2d[_backward]  (C++ schema)
-                 torch.ops.megan_fast.modulated_deform_conv2d_triton[_backward]  (defined here,
-                 so the Triton kernels also run on CPU tensors under TRITON_INTERPRET=1)
+                 torch.ops.megan_fast.modulated_deform_conv2d_triton[_backward]  (so the Triton
+                 kernels also run on CPU tensors under TRITON_INTERPRET=1); see _library.py
     autograd     one formula, registered for both ops; the backward calls registered ops only
     public       :func:`modulated_deform_conv2d`, a drop-in for torchvision.ops.deform_conv2d
 """
@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from megan_fast import _ext
-from megan_fast.ops import _backend
+from megan_fast.ops import _backend, _library
 from megan_fast.reference.deform_conv import modulated_deform_conv2d_reference
 
 __all__ = ["modulated_deform_conv2d"]
@@ -124,13 +123,6 @@ def _check(input, offset, weight, bias, mask, stride, padding, dilation) -> None
 
 # --------------------------------------------------------------------------- ops
 
-_lib = torch.library.Library("megan_fast", "FRAGMENT")
-_lib.define(f"{OP}_triton{_FWD_SCHEMA}")
-_lib.define(f"{OP}_triton_backward{_BWD_SCHEMA}")
-
-_NATIVE_OPS = (f"megan_fast::{OP}", f"megan_fast::{OP}_backward") if _ext.NATIVE_AVAILABLE else None
-_TRITON_OPS = (f"megan_fast::{OP}_triton", f"megan_fast::{OP}_triton_backward")
-
 
 def _fake_forward(input, offset, weight, bias, mask, stride, padding, dilation):
     return input.new_empty(input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
@@ -160,33 +152,16 @@ def _make_autograd(backward_op):
     return setup_context, backward
 
 
-def _register(fwd_name: str, bwd_name: str) -> None:
-    torch.library.register_fake(fwd_name, _fake_forward, lib=_lib)
-    torch.library.register_fake(bwd_name, _fake_backward, lib=_lib)
-    ns, name = bwd_name.split("::")
-    setup_context, backward = _make_autograd(getattr(getattr(torch.ops, ns), name).default)
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context, lib=_lib)
-
-
-_TRITON_ERROR: str | None = None
-try:
-    from megan_fast.triton import deform_conv as _triton_dcn
-except ImportError as exc:  # triton not installed
-    _triton_dcn = None
-    _TRITON_ERROR = f"triton kernels unavailable ({exc})"
-
-if _triton_dcn is not None:
-    for _dev in ("cpu", "cuda"):
-        torch.library.register_kernel(_TRITON_OPS[0], _dev, _triton_dcn.deform_conv2d_forward, lib=_lib)
-        torch.library.register_kernel(_TRITON_OPS[1], _dev, _triton_dcn.deform_conv2d_backward, lib=_lib)
-    if _NATIVE_OPS is not None:
-        # The C++ op also runs on CUDA tensors, through the Triton kernels.
-        torch.library.register_kernel(_NATIVE_OPS[0], "cuda", _triton_dcn.deform_conv2d_forward, lib=_lib)
-        torch.library.register_kernel(_NATIVE_OPS[1], "cuda", _triton_dcn.deform_conv2d_backward, lib=_lib)
-
-_register(*_TRITON_OPS)
-if _NATIVE_OPS is not None:
-    _register(*_NATIVE_OPS)
+_triton_dcn, _TRITON_ERROR = _library.import_triton_module("deform_conv")
+_NATIVE_OP, _TRITON_OP = _library.register_fused_op(
+    OP,
+    _FWD_SCHEMA,
+    _BWD_SCHEMA,
+    _fake_forward,
+    _fake_backward,
+    _make_autograd,
+    (_triton_dcn.deform_conv2d_forward, _triton_dcn.deform_conv2d_backward) if _triton_dcn else None,
+)
 
 
 # --------------------------------------------------------------------------- backends
@@ -208,25 +183,6 @@ def _stock(input, offset, weight, bias, stride, padding, dilation, mask):
     return torchvision.ops.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
 
 
-def _availability() -> dict[tuple[str, str], str | None]:
-    avail: dict[tuple[str, str], str | None] = {}
-    for dt in _backend.DEVICE_TYPES:
-        triton_reason = _TRITON_ERROR or _backend.triton_status(dt)
-        avail[("triton", dt)] = triton_reason
-        avail[("native", dt)] = (
-            f"the C++ extension is not built ({_ext.NATIVE_ERROR})"
-            if not _ext.NATIVE_AVAILABLE
-            else (None if dt == "cpu" else "the native backend has C++ kernels for CPU tensors only; use 'triton'")
-        )
-    return avail
-
-
-def _auto() -> dict[str, str]:
-    cpu = "native" if _ext.NATIVE_AVAILABLE else "reference"
-    cuda = "triton" if (_TRITON_ERROR is None and _backend.triton_status("cuda") is None) else "stock"
-    return {"cpu": cpu, "cuda": cuda}
-
-
 _backend.register_op(
     OP,
     {
@@ -235,8 +191,9 @@ _backend.register_op(
         "reference": modulated_deform_conv2d_reference,
         "stock": _stock,
     },
-    _availability(),
-    _auto(),
+    _library.availability(_NATIVE_OP, _TRITON_ERROR),
+    # Measured: docs/PERFORMANCE.md.
+    _library.auto_choice(_NATIVE_OP, _TRITON_ERROR, cpu="native", cuda="triton"),
 )
 
 
