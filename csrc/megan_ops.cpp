@@ -41,4 +41,18 @@ TORCH_LIBRARY(megan_fast, m) {
   m.def(
       "nonlocal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "float scale) -> (Tensor, Tensor, Tensor)");
+
+  // LMGA graph aggregation over p nodes per pixel: nodes (b, p, c, h, w),
+  // w1 (hd, c), b1 (hd,), w2 (hd,).  For p != q:
+  //   s[p,q] = w2 . leaky_relu(w1 @ |E_p - E_q| + b1, negative_slope)
+  //   A[p,:] = softmax over q != p of s[p,q];  out[p] = sum_{q != p} A[p,q] E_q
+  // Returns (out (b, p, c, h, w), A (b, p, p, h, w) with a zero diagonal if
+  // return_adjacency else an empty (0,) tensor).
+  m.def(
+      "graph_aggregate(Tensor nodes, Tensor w1, Tensor b1, Tensor w2, float negative_slope, "
+      "bool return_adjacency) -> (Tensor, Tensor)");
+  // Returns (grad_nodes, grad_w1, grad_b1, grad_w2); recomputes s and A.
+  m.def(
+      "graph_aggregate_backward(Tensor grad_out, Tensor nodes, Tensor w1, Tensor b1, Tensor w2, "
+      "float negative_slope) -> (Tensor, Tensor, Tensor, Tensor)");
 }

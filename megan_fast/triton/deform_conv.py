@@ -1,0 +1,687 @@
+"""Triton kernels of the modulated deformable convolution (DCNv2).
+
+Matches ``torchvision.ops.deform_conv2d`` (forward and every gradient but the
+bias one).  Layout of the file (as in Liger-Kernel's ops files): private
+``@triton.jit`` helpers and kernels first, then the host launchers
+:func:`deform_conv2d_forward` and :func:`deform_conv2d_backward`.  Nothing is
+registered with ``torch.library`` here; ``megan_fast.ops.deform_conv`` wires
+the launchers into the op.
+
+Notation
+--------
+    input (B, C, H, W), weight (Co, Cg, KH, KW) with G = C / Cg groups,
+    Cog = Co / G output channels per group, K = KH * KW taps,
+    offset (B, 2 * OG * K, Ho, Wo), mask (B, OG * K, Ho, Wo), Cpo = C / OG
+    channels per offset group, P = B * Ho * Wo output pixels.
+
+The convolution is an implicit GEMM per group g:
+
+    out[p, g*Cog + n] = bias + sum_r cols[p, r] * Wt[g, r, n]
+
+over the reduction index r = k * Cg + c (tap major, channel minor), where
+cols[p, r] = mask[p, og(c), k] * bilinear(input[b, g*Cg + c], y, x) is the
+deformed "im2col" column and Wt[g, r, n] = weight[g*Cog + n, c, k] (the
+weight is permuted once on the host so that a [BLOCK_K, BLOCK_N] tile is a
+coalesced load).  The columns are never written to global memory: every
+kernel gathers its [BLOCK_P, BLOCK_K] tile of samples straight into
+registers and feeds it to ``tl.dot``.
+
+Sampling in tiles of chunks
+---------------------------
+Every element of a [BLOCK_P, BLOCK_K] column tile needs a sample point
+(y, x), which depends on (pixel, tap, offset group) only, not on the channel.
+The tile's BLOCK_K reduction indices are therefore split into NCHUNK chunks
+of CHUNK consecutive channels that share one tap and one offset group
+(CHUNK = the largest power of two dividing both Cg and Cpo, at most
+BLOCK_K; CHUNK = 1 for odd channel counts).  The sample point, the bilinear
+weights, the corner validity and the mask are computed once per
+[BLOCK_P, NCHUNK] chunk (kept as [BLOCK_P, NCHUNK, 1] tensors) and broadcast
+over the [BLOCK_P, NCHUNK, CHUNK] element tile; only the four corner loads
+(and, backward, atomics) are per element.  A single reshape to
+[BLOCK_P, BLOCK_K] feeds the tile to ``tl.dot``.
+
+The input is gathered in channels-last layout (B, H, W, C): the CHUNK
+channels of one corner are then contiguous in memory, so the gathers (and
+the grad_input atomics) are coalesced whatever the offsets are.  The host
+makes that copy (free when the input already is channels_last).
+
+Conventions (checked against torchvision's CPU kernels)
+-------------------------------------------------------
+* Sample point y = oy*stride_h - pad_h + i*dil_h + dy, x likewise, with
+  dy = offset[b, 2*(og*K + k)], dx = offset[b, 2*(og*K + k) + 1], k = i*KW + j.
+* Forward / grad_mask / grad_weight use torchvision's bilinear_interpolate:
+  0 when y <= -1 or y >= H or x <= -1 or x >= W, else the floor-based four
+  corners, each used only when inside the image.
+* grad_input: mask * grad_col * (corner weight) into the four corners (zero
+  for points with y <= -1 etc. anyway).
+* grad_offset uses the floor-based corners with NO early-out (torchvision's
+  get_coordinate_weight): y = -1 exactly has a non-zero dy gradient.
+      d/dy = lx * (v11 - v01) + (1 - lx) * (v10 - v00)
+      d/dx = ly * (v11 - v10) + (1 - ly) * (v01 - v00)
+* A point whose four corners are all outside the image (y < -1, y >= H,
+  x < -1, x >= W) contributes nothing anywhere.  NaN and infinite offsets are
+  treated as such points: they are replaced by a sentinel (-4, -4) before the
+  float -> int conversion, so no load or atomic can go out of bounds and
+  their gradients are 0 (torchvision gives NaN or reads out of bounds there).
+
+Precision: accumulation in fp32 (fp64 for fp64 inputs).  fp32 and fp64 tiles
+go through ``tl.dot`` with ``input_precision="ieee"`` (no TF32); fp16/bf16
+tiles are fed to ``tl.dot`` in their own type with fp32 accumulation.  Atomic
+accumulation buffers are fp32 (fp64 for fp64) and cast at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["deform_conv2d_forward", "deform_conv2d_backward"]
+
+
+# =============================================================================
+# JIT helpers
+# =============================================================================
+
+
+@triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b.  IEEE: full fp32/fp64 products (no TF32)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _decode_pixels(pid_p, P, HoWo, Wo, BLOCK_P: tl.constexpr, INT64: tl.constexpr):
+    """Output pixels p = (b, oy, ox) of a BLOCK_P tile; p runs over B * Ho * Wo."""
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < P
+    b = p // HoWo
+    pix = p - b * HoWo
+    oy = pix // Wo
+    ox = pix - oy * Wo
+    if INT64:
+        # Every batch-strided address is derived from b: widening b widens them all.
+        b = b.to(tl.int64)
+    return p_ok, b, pix, oy, ox
+
+
+@triton.jit
+def _decode_chunks(r0, g, KC, Cg, Cpo, NCHUNK: tl.constexpr, CHUNK: tl.constexpr):
+    """Chunks of the reduction range [r0, r0 + NCHUNK*CHUNK), r = k*Cg + c.
+
+    CHUNK divides Cg and Cpo, so a chunk never straddles a tap or an offset
+    group: tap k, offset group og and validity are per chunk.  Returns
+    [NCHUNK] vectors (valid, k, og) and the [NCHUNK, CHUNK] group-local
+    channel of every element.
+    """
+    rc = r0 + tl.arange(0, NCHUNK) * CHUNK
+    c_ok = rc < KC
+    k = rc // Cg
+    c = rc - k * Cg
+    og = (g * Cg + c) // Cpo
+    ce = c[:, None] + tl.arange(0, CHUNK)[None, :]
+    return c_ok, k, og, ce
+
+
+@triton.jit
+def _sample_points(
+    off_ptr, msk_ptr, b3, pix3, oy3, ox3, live,
+    k3, og3, H, W, HoWo, KW, K, OG,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_MASK: tl.constexpr, CDT: tl.constexpr,
+):
+    """Per-chunk sample points ([BLOCK_P, NCHUNK, 1] tensors).
+
+    Returns the fractional parts (ly, lx), the integer floor corner (y0, x0),
+    the mask value m, `ok` (some corner may be inside the image: the point
+    can contribute to something), `inside` (torchvision's bilinear early-out
+    test: y > -1 and x > -1 too), and the offset / mask element indices.
+    Dead points (not ok: outside, NaN, inf, or masked-off lanes) are moved to
+    the sentinel (-4, -4), whose four corners are all outside, so the integer
+    conversion is always defined and every derived address is masked off.
+    """
+    ki = k3 // KW
+    kj = k3 - ki * KW
+    ch = og3 * K + k3  # mask channel; the offset channels are 2*ch (dy) and 2*ch + 1 (dx)
+    obase = (b3 * (2 * OG * K) + 2 * ch) * HoWo + pix3
+    mbase = (b3 * (OG * K) + ch) * HoWo + pix3
+    dy = tl.load(off_ptr + obase, mask=live, other=0.0).to(CDT)
+    dx = tl.load(off_ptr + obase + HoWo, mask=live, other=0.0).to(CDT)
+    if HAS_MASK:
+        m = tl.load(msk_ptr + mbase, mask=live, other=0.0).to(CDT)
+    else:
+        m = tl.where(live, 1.0, 0.0).to(CDT)
+    # The integer part is exact in floating point: same rounding as torchvision.
+    y = (oy3 * stride_h - pad_h + ki * dil_h).to(CDT) + dy
+    x = (ox3 * stride_w - pad_w + kj * dil_w).to(CDT) + dx
+    # y in [-1, H) keeps every point that has a corner row inside; the comparisons
+    # are False for NaN, so NaN (and +-inf, huge values) become dead points.
+    ok = live & (y >= -1.0) & (y < H) & (x >= -1.0) & (x < W)
+    y = tl.where(ok, y, -4.0)
+    x = tl.where(ok, x, -4.0)
+    y0f = tl.floor(y)
+    x0f = tl.floor(x)
+    ly = y - y0f
+    lx = x - x0f
+    y0 = y0f.to(tl.int32)
+    x0 = x0f.to(tl.int32)
+    inside = ok & (y > -1.0) & (x > -1.0)
+    return ly, lx, y0, x0, m, ok, inside, obase, mbase
+
+
+@triton.jit
+def _corner_flags(y0, x0, H, W):
+    """Which of the four floor corners are inside the image (sentinel -4: none)."""
+    vy0 = (y0 >= 0) & (y0 < H)
+    vy1 = (y0 >= -2) & (y0 + 1 < H)
+    vx0 = (x0 >= 0) & (x0 < W)
+    vx1 = (x0 >= -1) & (x0 + 1 < W)
+    return vy0 & vx0, vy0 & vx1, vy1 & vx0, vy1 & vx1
+
+
+@triton.jit
+def _sampled_columns(
+    x_ptr, off_ptr, msk_ptr,
+    b, pix, oy, ox, p_ok, c_ok, k, og, ce, g,
+    C, H, W, HoWo, KW, K, Cg, OG,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_MASK: tl.constexpr, CDT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The [BLOCK_P, BLOCK_K] tile cols[p, r] = mask * bilinear(input, y, x) (CDT).
+
+    Masked lanes (p >= P, r >= K*Cg) are 0.  x_ptr is the channels-last input.
+    """
+    b3 = b[:, None, None]
+    live = p_ok[:, None, None] & c_ok[None, :, None]
+    ly, lx, y0, x0, m, ok, inside, obase, mbase = _sample_points(
+        off_ptr, msk_ptr, b3, pix[:, None, None], oy[:, None, None], ox[:, None, None], live,
+        k[None, :, None], og[None, :, None], H, W, HoWo, KW, K, OG,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CDT,
+    )
+    f00, f01, f10, f11 = _corner_flags(y0, x0, H, W)
+    f00 = f00 & inside
+    f01 = f01 & inside
+    f10 = f10 & inside
+    f11 = f11 & inside
+    hy = 1.0 - ly
+    hx = 1.0 - lx
+    # Per-chunk weights with the mask folded in: 4 multiply-adds per element.
+    w00 = m * hy * hx
+    w01 = m * hy * lx
+    w10 = m * ly * hx
+    w11 = m * ly * lx
+    # Channels-last address of corner (y0, x0), channel g*Cg + ce.
+    a00 = ((b3 * H + y0) * W + x0) * C + g * Cg + ce[None, :, :]
+    v = w00 * tl.load(x_ptr + a00, mask=f00, other=0.0).to(CDT)
+    v += w01 * tl.load(x_ptr + a00 + C, mask=f01, other=0.0).to(CDT)
+    v += w10 * tl.load(x_ptr + a00 + W * C, mask=f10, other=0.0).to(CDT)
+    v += w11 * tl.load(x_ptr + a00 + (W * C + C), mask=f11, other=0.0).to(CDT)
+    return tl.reshape(v, (BLOCK_P, BLOCK_K))
+
+
+# =============================================================================
+# Kernels
+# =============================================================================
+
+
+@triton.jit
+def _dcn_fwd_kernel(
+    x_ptr, off_ptr, msk_ptr, w_ptr, bias_ptr, out_ptr,
+    P, C, H, W, Ho, Wo, Co, Cg, Cog, KC, Cpo, OG, KW, K,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, CDT: tl.constexpr,
+    INT64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """out tile [BLOCK_P, BLOCK_N] of group g = sum over r tiles of cols @ Wt.
+
+    grid = (cdiv(P, BLOCK_P), cdiv(Cog, BLOCK_N), G).
+    """
+    NCHUNK: tl.constexpr = BLOCK_K // CHUNK
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    HoWo = Ho * Wo
+    p_ok, b, pix, oy, ox = _decode_pixels(pid_p, P, HoWo, Wo, BLOCK_P, INT64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < Cog
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=CDT)
+    for r0 in range(0, KC, BLOCK_K):
+        c_ok, k, og, ce = _decode_chunks(r0, g, KC, Cg, Cpo, NCHUNK, CHUNK)
+        cols = _sampled_columns(
+            x_ptr, off_ptr, msk_ptr, b, pix, oy, ox, p_ok, c_ok, k, og, ce, g,
+            C, H, W, HoWo, KW, K, Cg, OG,
+            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+            HAS_MASK, CDT, BLOCK_P, BLOCK_K,
+        )
+        r = r0 + tl.arange(0, BLOCK_K)
+        wt = tl.load(
+            w_ptr + (g * KC + r)[:, None] * Cog + n[None, :],
+            mask=(r < KC)[:, None] & n_ok[None, :], other=0.0,
+        )
+        # fp16/bf16: the low-precision tile goes to the tensor cores, fp32 accumulation.
+        acc = _mma(cols.to(wt.dtype), wt, acc, IEEE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + g * Cog + n, mask=n_ok, other=0.0).to(CDT)[None, :]
+    out_off = (b[:, None] * Co + g * Cog + n[None, :]) * HoWo + pix[:, None]
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _dcn_bwd_data_kernel(
+    gout_ptr, x_ptr, off_ptr, msk_ptr, w_ptr,
+    gin_ptr, goff_ptr, gmsk_ptr,
+    P, C, H, W, Ho, Wo, Co, Cg, Cog, KC, Cpo, OG, KW, K,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_MASK: tl.constexpr, IEEE: tl.constexpr, CDT: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """grad_input, grad_offset and grad_mask from a [BLOCK_P, BLOCK_K] tile of grad_cols.
+
+    grid = (cdiv(P, BLOCK_P), cdiv(K*Cg, BLOCK_K), G).
+
+    grad_cols[p, r] = sum_n gout[p, g*Cog + n] * Wt[g, r, n]   (tl.dot over Cog)
+    then, with gm = mask * grad_cols:
+      grad_input[b, y_c, x_c, g*Cg + c] += gm * corner_weight        (4 atomics / element)
+      grad_offset[b, 2*ch (+1), pix]     += sum_c gm * d bilinear / dy (dx)
+      grad_mask[b, ch, pix]              += sum_c grad_cols * bilinear
+    The channel sums are first reduced in registers over each chunk (all the
+    chunk's channels share the point), then one atomic per chunk adds the
+    partial sum (other chunks / programs hold the offset group's other channels).
+    """
+    NCHUNK: tl.constexpr = BLOCK_K // CHUNK
+    pid_p = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    g = tl.program_id(2)
+    HoWo = Ho * Wo
+    p_ok, b, pix, oy, ox = _decode_pixels(pid_p, P, HoWo, Wo, BLOCK_P, INT64)
+    r0 = pid_k * BLOCK_K
+    r = r0 + tl.arange(0, BLOCK_K)
+    r_ok = r < KC
+
+    # ---- grad_cols = gout @ Wt^T  (reduction over this group's output channels)
+    gcol = tl.zeros((BLOCK_P, BLOCK_K), dtype=CDT)
+    for n0 in range(0, Cog, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < Cog
+        go = tl.load(
+            gout_ptr + (b[:, None] * Co + g * Cog + n[None, :]) * HoWo + pix[:, None],
+            mask=p_ok[:, None] & n_ok[None, :], other=0.0,
+        )
+        wt = tl.load(
+            w_ptr + (g * KC + r[None, :]) * Cog + n[:, None],
+            mask=r_ok[None, :] & n_ok[:, None], other=0.0,
+        )
+        gcol = _mma(go, wt, gcol, IEEE)
+    gcol3 = tl.reshape(gcol, (BLOCK_P, NCHUNK, CHUNK))
+
+    # ---- sample points of the tile (per chunk)
+    c_ok, k, og, ce = _decode_chunks(r0, g, KC, Cg, Cpo, NCHUNK, CHUNK)
+    b3 = b[:, None, None]
+    live = p_ok[:, None, None] & c_ok[None, :, None]
+    ly, lx, y0, x0, m, ok, inside, obase, mbase = _sample_points(
+        off_ptr, msk_ptr, b3, pix[:, None, None], oy[:, None, None], ox[:, None, None], live,
+        k[None, :, None], og[None, :, None], H, W, HoWo, KW, K, OG,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CDT,
+    )
+    f00, f01, f10, f11 = _corner_flags(y0, x0, H, W)
+    hy = 1.0 - ly
+    hx = 1.0 - lx
+    a00 = ((b3 * H + y0) * W + x0) * C + g * Cg + ce[None, :, :]
+    a01 = a00 + C
+    a10 = a00 + W * C
+    a11 = a10 + C
+
+    # ---- grad_input: scatter (only points inside torchvision's (-1, H) x (-1, W)
+    # window get weight; a point at exactly -1 has weight 0 on its one inside corner).
+    gm = gcol3 * m
+    tl.atomic_add(gin_ptr + a00, gm * (hy * hx), mask=f00 & inside, sem="relaxed")
+    tl.atomic_add(gin_ptr + a01, gm * (hy * lx), mask=f01 & inside, sem="relaxed")
+    tl.atomic_add(gin_ptr + a10, gm * (ly * hx), mask=f10 & inside, sem="relaxed")
+    tl.atomic_add(gin_ptr + a11, gm * (ly * lx), mask=f11 & inside, sem="relaxed")
+
+    # ---- grad_offset / grad_mask: corner values without the early-out
+    v00 = tl.load(x_ptr + a00, mask=f00, other=0.0).to(CDT)
+    v01 = tl.load(x_ptr + a01, mask=f01, other=0.0).to(CDT)
+    v10 = tl.load(x_ptr + a10, mask=f10, other=0.0).to(CDT)
+    v11 = tl.load(x_ptr + a11, mask=f11, other=0.0).to(CDT)
+    d_dy = lx * (v11 - v01) + hx * (v10 - v00)
+    d_dx = ly * (v11 - v10) + hy * (v01 - v00)
+    g_dy = tl.sum(gm * d_dy, axis=2, keep_dims=True)
+    g_dx = tl.sum(gm * d_dx, axis=2, keep_dims=True)
+    tl.atomic_add(goff_ptr + obase, g_dy, mask=ok, sem="relaxed")
+    tl.atomic_add(goff_ptr + obase + HoWo, g_dx, mask=ok, sem="relaxed")
+    if HAS_MASK:
+        val = hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11
+        g_m = tl.sum(gcol3 * val, axis=2, keep_dims=True)
+        tl.atomic_add(gmsk_ptr + mbase, g_m, mask=inside, sem="relaxed")
+
+
+@triton.jit
+def _dcn_bwd_weight_kernel(
+    gout_ptr, x_ptr, off_ptr, msk_ptr, part_ptr,
+    P, C, H, W, Ho, Wo, Co, Cg, Cog, KC, Cpo, OG, KW, K, G, TILES_PER_SPLIT,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_MASK: tl.constexpr, IEEE: tl.constexpr, CDT: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """partial[s, g, r, n] = sum over the pixel tiles of split s of cols^T @ gout.
+
+    grid = (cdiv(K*Cg, BLOCK_K), cdiv(Cog, BLOCK_N), G * SPLIT).  The pixel
+    axis is split so that small weights still fill the GPU; the host sums the
+    SPLIT partial results (deterministic, no atomics).  The columns are
+    re-sampled here rather than stored by the forward.
+    """
+    NCHUNK: tl.constexpr = BLOCK_K // CHUNK
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_gs = tl.program_id(2)
+    g = pid_gs % G
+    s = pid_gs // G
+    HoWo = Ho * Wo
+    r0 = pid_k * BLOCK_K
+    r = r0 + tl.arange(0, BLOCK_K)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < Cog
+    c_ok, k, og, ce = _decode_chunks(r0, g, KC, Cg, Cpo, NCHUNK, CHUNK)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=CDT)
+    t_start = s * TILES_PER_SPLIT
+    t_end = tl.minimum(t_start + TILES_PER_SPLIT, tl.cdiv(P, BLOCK_P))
+    for t in range(t_start, t_end):
+        p_ok, b, pix, oy, ox = _decode_pixels(t, P, HoWo, Wo, BLOCK_P, INT64)
+        cols = _sampled_columns(
+            x_ptr, off_ptr, msk_ptr, b, pix, oy, ox, p_ok, c_ok, k, og, ce, g,
+            C, H, W, HoWo, KW, K, Cg, OG,
+            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+            HAS_MASK, CDT, BLOCK_P, BLOCK_K,
+        )
+        go = tl.load(
+            gout_ptr + (b[:, None] * Co + g * Cog + n[None, :]) * HoWo + pix[:, None],
+            mask=p_ok[:, None] & n_ok[None, :], other=0.0,
+        )
+        acc = _mma(tl.trans(cols.to(go.dtype)), go, acc, IEEE)
+    part_off = ((s * G + g) * KC + r[:, None]) * Cog + n[None, :]
+    tl.store(part_ptr + part_off, acc, mask=(r < KC)[:, None] & n_ok[None, :])
+
+
+# =============================================================================
+# Host side
+# =============================================================================
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INT32_LIMIT = 2**31 - 1
+
+
+def _pow2_factor(n: int) -> int:
+    """Largest power of two dividing n (n > 0)."""
+    return n & -n
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _geometry(input: Tensor, offset: Tensor, weight: Tensor, stride, padding, dilation) -> dict:
+    b, c, h, w = input.shape
+    co, cg, kh, kw = weight.shape
+    if cg <= 0 or c % cg != 0:
+        raise ValueError(f"deform_conv2d: input channels {c} not divisible by weight.shape[1] = {cg}")
+    groups = c // cg
+    if co % groups != 0:
+        raise ValueError(f"deform_conv2d: weight.shape[0] = {co} not divisible by groups = {groups}")
+    k = kh * kw
+    if offset.shape[1] == 0 or offset.shape[1] % (2 * k) != 0:
+        raise ValueError(f"deform_conv2d: offset has {offset.shape[1]} channels, not a positive multiple of 2*kh*kw = {2 * k}")
+    og = offset.shape[1] // (2 * k)
+    if c % og != 0:
+        raise ValueError(f"deform_conv2d: input channels {c} not divisible by offset groups {og}")
+    sh, sw = (int(v) for v in stride)
+    ph, pw = (int(v) for v in padding)
+    dh, dw = (int(v) for v in dilation)
+    ho = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
+    wo = (w + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    if tuple(offset.shape) != (b, 2 * og * k, ho, wo):
+        raise ValueError(f"deform_conv2d: offset shape {tuple(offset.shape)}, expected {(b, 2 * og * k, ho, wo)}")
+    cpo = c // og
+    return dict(
+        B=b, C=c, H=h, W=w, Co=co, Cg=cg, G=groups, Cog=co // groups, KH=kh, KW=kw, K=k, KC=k * cg,
+        OG=og, Cpo=cpo, Ho=ho, Wo=wo, P=b * ho * wo,
+        conv=(sh, sw, ph, pw, dh, dw),
+        # A chunk of channels shares one tap and one offset group (see the module docstring).
+        chunk_base=_pow2_factor(math.gcd(cg, cpo)),
+    )
+
+
+def _check_dtype(t: Tensor) -> None:
+    allowed = (torch.float32, torch.float64) if t.device.type == "cpu" else (
+        torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    if t.dtype not in allowed:
+        raise TypeError(
+            f"deform_conv2d (triton): dtype {t.dtype} is not supported on {t.device.type}; expected one of "
+            + ", ".join(str(d) for d in allowed)
+        )
+    if t.device.type == "cpu" and not _INTERPRET:
+        raise RuntimeError("deform_conv2d (triton): CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+
+
+def _compute_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _next_pow2_clamped(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def _fwd_config(geo: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    if device.type != "cuda":
+        # Interpreter: small tiles keep numpy temporaries small, and tails / several
+        # tiles get exercised by the tiny test problems.
+        return dict(BLOCK_P=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    if dtype == torch.float64:
+        return dict(BLOCK_P=64, BLOCK_N=_next_pow2_clamped(geo["Cog"], 16, 32), BLOCK_K=16, num_warps=4, num_stages=1)
+    # Cover all of a group's output channels (up to 128) with one N tile so the
+    # (expensive) sampling of a column tile is done once per pixel tile.
+    bn = _next_pow2_clamped(geo["Cog"], 16, 128)
+    bp = 128 if bn <= 64 else 64
+    return dict(BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=32, num_warps=8 if bp * bn >= 8192 else 4, num_stages=2)
+
+
+def _bwd_data_config(geo: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    if device.type != "cuda":
+        return dict(BLOCK_P=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    if dtype == torch.float64:
+        return dict(BLOCK_P=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    return dict(BLOCK_P=64, BLOCK_N=_next_pow2_clamped(geo["Cog"], 16, 64), BLOCK_K=32, num_warps=4, num_stages=2)
+
+
+def _bwd_weight_config(geo: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    if device.type != "cuda":
+        return dict(BLOCK_P=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1, max_split=2)
+    if dtype == torch.float64:
+        return dict(BLOCK_P=32, BLOCK_N=_next_pow2_clamped(geo["Cog"], 16, 32), BLOCK_K=16, num_warps=4,
+                    num_stages=1, max_split=None)
+    return dict(BLOCK_P=64, BLOCK_N=_next_pow2_clamped(geo["Cog"], 16, 64), BLOCK_K=32, num_warps=4,
+                num_stages=2, max_split=None)
+
+
+def _chunk(geo: dict, block_k: int) -> int:
+    return min(geo["chunk_base"], block_k)
+
+
+def _needs_int64(*tensors: Tensor) -> bool:
+    return any(t is not None and t.numel() > _INT32_LIMIT // 2 for t in tensors)
+
+
+def _conv_args(geo: dict) -> tuple:
+    return (geo["P"], geo["C"], geo["H"], geo["W"], geo["Ho"], geo["Wo"], geo["Co"], geo["Cg"], geo["Cog"],
+            geo["KC"], geo["Cpo"], geo["OG"], geo["KW"], geo["K"])
+
+
+def _permuted_weight(weight: Tensor, geo: dict) -> Tensor:
+    """Wt[g, r = k*Cg + c, n] = weight[g*Cog + n, c, k], contiguous (G, K*Cg, Cog)."""
+    return weight.reshape(geo["G"], geo["Cog"], geo["Cg"], geo["K"]).permute(0, 3, 2, 1).contiguous()
+
+
+def _channels_last(input: Tensor) -> Tensor:
+    """(B, H, W, C) contiguous; no copy when the input already is channels_last."""
+    return input.permute(0, 2, 3, 1).contiguous()
+
+
+def _launch(kernel, grid, args, meta, dtype: torch.dtype, device: torch.device):
+    try:
+        kernel[grid](*args, **meta)
+    except Exception as exc:  # noqa: BLE001 - re-raised with a clearer message
+        if dtype == torch.float64 and device.type == "cuda":
+            raise TypeError(
+                "deform_conv2d (triton): float64 tl.dot is not supported by this Triton / GPU "
+                f"combination ({type(exc).__name__}: {exc}); use float32 or the CPU backend for float64"
+            ) from exc
+        raise
+
+
+def _like(result: Tensor, like: Tensor) -> Tensor:
+    """result in like's dtype and with the strides torch.empty_like(like) would have."""
+    out = torch.empty_like(like)
+    if out.stride() == result.stride() and out.dtype == result.dtype:
+        return result
+    return out.copy_(result)
+
+
+def deform_conv2d_forward(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    stride,
+    padding,
+    dilation,
+) -> Tensor:
+    """Modulated deformable convolution forward (torchvision.ops.deform_conv2d semantics).
+
+    input (B, C, H, W), offset (B, 2*OG*KH*KW, Ho, Wo), weight (Co, C/G, KH, KW),
+    bias (Co,) or None, mask (B, OG*KH*KW, Ho, Wo) or None (= ones);
+    stride / padding / dilation: pairs of ints.  Returns (B, Co, Ho, Wo) in the
+    input dtype.
+    """
+    _check_dtype(input)
+    geo = _geometry(input, offset, weight, stride, padding, dilation)
+    out = input.new_empty(geo["B"], geo["Co"], geo["Ho"], geo["Wo"])
+    if out.numel() == 0:
+        return out
+    device, dtype = input.device, input.dtype
+    x = _channels_last(input)
+    offset = offset.contiguous()
+    mask_c = mask.contiguous() if mask is not None else None
+    bias_c = bias.contiguous() if bias is not None else None
+    wt = _permuted_weight(weight, geo)
+    cfg = _fwd_config(geo, device, dtype)
+    chunk = _chunk(geo, cfg["BLOCK_K"])
+    grid = (triton.cdiv(geo["P"], cfg["BLOCK_P"]), triton.cdiv(geo["Cog"], cfg["BLOCK_N"]), geo["G"])
+    args = (x, offset, mask_c if mask_c is not None else offset, wt, bias_c if bias_c is not None else wt, out,
+            *_conv_args(geo), *geo["conv"])
+    meta = dict(
+        HAS_MASK=mask_c is not None, HAS_BIAS=bias_c is not None,
+        IEEE=dtype in (torch.float32, torch.float64), CDT=_compute_dtype(dtype),
+        INT64=_needs_int64(x, offset, out),
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], CHUNK=chunk,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    _launch(_dcn_fwd_kernel, grid, args, meta, dtype, device)
+    return out
+
+
+def deform_conv2d_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    mask: Tensor | None,
+    stride,
+    padding,
+    dilation,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (grad_input, grad_offset, grad_weight, grad_mask) of :func:`deform_conv2d_forward`.
+
+    grad_mask is ``input.new_empty(0)`` when mask is None.  No bias gradient
+    (it is grad_output.sum((0, 2, 3))).
+    """
+    _check_dtype(input)
+    geo = _geometry(input, offset, weight, stride, padding, dilation)
+    device, dtype = input.device, input.dtype
+    if geo["P"] == 0:
+        return (
+            torch.zeros_like(input),
+            torch.zeros_like(offset),
+            torch.zeros_like(weight),
+            torch.zeros_like(mask) if mask is not None else input.new_empty(0),
+        )
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    gout = grad_output.contiguous()
+    x = _channels_last(input)
+    offset_c = offset.contiguous()
+    mask_c = mask.contiguous() if mask is not None else None
+    wt = _permuted_weight(weight, geo)
+    int64 = _needs_int64(x, offset_c, gout)
+    common = dict(HAS_MASK=mask_c is not None, IEEE=dtype in (torch.float32, torch.float64),
+                  CDT=_compute_dtype(dtype), INT64=int64)
+
+    # ---- grad_input / grad_offset / grad_mask (atomics into fp32 / fp64 buffers)
+    gin = torch.zeros(geo["B"], geo["H"], geo["W"], geo["C"], dtype=acc_dtype, device=device)
+    goff = torch.zeros(offset_c.shape, dtype=acc_dtype, device=device)
+    gmsk = torch.zeros(mask_c.shape, dtype=acc_dtype, device=device) if mask_c is not None else goff
+    cfg = _bwd_data_config(geo, device, dtype)
+    grid = (triton.cdiv(geo["P"], cfg["BLOCK_P"]), triton.cdiv(geo["KC"], cfg["BLOCK_K"]), geo["G"])
+    args = (gout, x, offset_c, mask_c if mask_c is not None else offset_c, wt, gin, goff, gmsk,
+            *_conv_args(geo), *geo["conv"])
+    meta = dict(common, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                CHUNK=_chunk(geo, cfg["BLOCK_K"]), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _launch(_dcn_bwd_data_kernel, grid, args, meta, dtype, device)
+
+    # ---- grad_weight: split over pixel tiles, partial sums reduced on the host
+    cfg = _bwd_weight_config(geo, device, dtype)
+    tiles_k = triton.cdiv(geo["KC"], cfg["BLOCK_K"])
+    tiles_n = triton.cdiv(geo["Cog"], cfg["BLOCK_N"])
+    tiles_p = triton.cdiv(geo["P"], cfg["BLOCK_P"])
+    base_programs = tiles_k * tiles_n * geo["G"]
+    if cfg["max_split"] is not None:
+        split = min(cfg["max_split"], tiles_p)
+    else:
+        # ~4 programs per SM, each over >= 4 pixel tiles, partial buffer <= 32M elements.
+        split = triton.cdiv(4 * _num_sms(device), base_programs)
+        split = min(split, max(1, tiles_p // 4), max(1, (1 << 25) // (geo["G"] * geo["KC"] * geo["Cog"])))
+        split = max(split, 1)
+    tiles_per_split = triton.cdiv(tiles_p, split)
+    split = triton.cdiv(tiles_p, tiles_per_split)
+    part = torch.empty(split, geo["G"], geo["KC"], geo["Cog"], dtype=acc_dtype, device=device)
+    grid = (tiles_k, tiles_n, geo["G"] * split)
+    args = (gout, x, offset_c, mask_c if mask_c is not None else offset_c, part,
+            *_conv_args(geo), geo["G"], tiles_per_split, *geo["conv"])
+    meta = dict(common, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                CHUNK=_chunk(geo, cfg["BLOCK_K"]), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _launch(_dcn_bwd_weight_kernel, grid, args, meta, dtype, device)
+    gw = part.sum(0) if split > 1 else part[0]
+    # (G, K, Cg, Cog) -> (G, Cog, Cg, K) -> (Co, Cg, KH, KW)
+    gw = gw.view(geo["G"], geo["K"], geo["Cg"], geo["Cog"]).permute(0, 3, 2, 1)
+    grad_weight = torch.empty_like(weight).copy_(gw.reshape(weight.shape))
+
+    grad_input = torch.empty_like(input).copy_(gin.permute(0, 3, 1, 2))
+    grad_offset = _like(goff, offset)
+    grad_mask = _like(gmsk, mask) if mask is not None else input.new_empty(0)
+    return grad_input, grad_offset, grad_weight, grad_mask
