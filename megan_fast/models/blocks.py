@@ -1,0 +1,207 @@
+"""Building blocks of MEGAN (after Zooming Slow-Mo and EDVR), each a small named module."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megan_fast.nn import DCNPack
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride, 1)
+
+
+def lrelu(x: Tensor) -> Tensor:
+    return F.leaky_relu(x, 0.1)
+
+
+def up2(x: Tensor) -> Tensor:
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+class ResidualBlock(nn.Module):
+    """x + conv(relu(conv(x))), no batch norm; kaiming init scaled by 0.1 (EDVR's ResidualBlockNoBN)."""
+
+    def __init__(self, nf: int = 64) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(nf, nf)
+        self.conv2 = conv3x3(nf, nf)
+        for conv in (self.conv1, self.conv2):
+            nn.init.kaiming_normal_(conv.weight, a=0, mode="fan_in")
+            conv.weight.data.mul_(0.1)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.relu(self.conv1(x)))
+
+
+def make_residual_trunk(nf: int, n: int) -> nn.Sequential:
+    return nn.Sequential(*(ResidualBlock(nf) for _ in range(n)))
+
+
+class FeaturePyramid(nn.Module):
+    """L1 -> (L1, L2, L3): two stride-2 levels, L_{k+1} = lrelu(conv(lrelu(conv_s2(L_k))))."""
+
+    def __init__(self, nf: int = 64) -> None:
+        super().__init__()
+        self.l2_conv1 = conv3x3(nf, nf, 2)
+        self.l2_conv2 = conv3x3(nf, nf)
+        self.l3_conv1 = conv3x3(nf, nf, 2)
+        self.l3_conv2 = conv3x3(nf, nf)
+
+    def forward(self, l1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        l2 = lrelu(self.l2_conv2(lrelu(self.l2_conv1(l1))))
+        l3 = lrelu(self.l3_conv2(lrelu(self.l3_conv1(l2))))
+        return l1, l2, l3
+
+
+class PyramidAlign(nn.Module):
+    """One direction of PCD alignment: aligns pyramid ``a`` towards pyramid ``b``.
+
+    Coarse to fine: offsets are predicted from cat(a, b) at each level, the
+    coarser level's offset features are upsampled x2 and doubled, and DCNPack
+    samples ``a``; aligned features are merged with the upsampled coarser result.
+    """
+
+    def __init__(self, nf: int = 64, deformable_groups: int = 8) -> None:
+        super().__init__()
+        self.l3_offset_conv1 = conv3x3(2 * nf, nf)
+        self.l3_offset_conv2 = conv3x3(nf, nf)
+        self.l3_dcn = DCNPack(nf, nf, 3, padding=1, deformable_groups=deformable_groups)
+        for level in ("l2", "l1"):
+            setattr(self, f"{level}_offset_conv1", conv3x3(2 * nf, nf))
+            setattr(self, f"{level}_offset_conv2", conv3x3(2 * nf, nf))
+            setattr(self, f"{level}_offset_conv3", conv3x3(nf, nf))
+            setattr(self, f"{level}_dcn", DCNPack(nf, nf, 3, padding=1, deformable_groups=deformable_groups))
+            setattr(self, f"{level}_fea_conv", conv3x3(2 * nf, nf))
+
+    def forward(self, a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        offset = lrelu(self.l3_offset_conv1(torch.cat((a[2], b[2]), 1)))
+        offset = lrelu(self.l3_offset_conv2(offset))
+        fea = lrelu(self.l3_dcn(a[2], offset))
+        for i, level in ((1, "l2"), (0, "l1")):
+            new_offset = lrelu(getattr(self, f"{level}_offset_conv1")(torch.cat((a[i], b[i]), 1)))
+            new_offset = lrelu(getattr(self, f"{level}_offset_conv2")(torch.cat((new_offset, up2(offset) * 2), 1)))
+            offset = lrelu(getattr(self, f"{level}_offset_conv3")(new_offset))
+            aligned = getattr(self, f"{level}_dcn")(a[i], offset)
+            fea = getattr(self, f"{level}_fea_conv")(torch.cat((aligned, up2(fea)), 1))
+            if level == "l2":
+                fea = lrelu(fea)
+        return fea
+
+
+class PCDAlign(nn.Module):
+    """Bidirectional PCD alignment of two pyramids, fused by a 1x1 conv.
+
+    Aligns ``f1`` towards ``f2`` and ``f2`` towards ``f1`` with separate
+    weights and fuses both into one feature map: the interpolated frame
+    feature between them (Zooming Slow-Mo's frame feature interpolation).
+    """
+
+    def __init__(self, nf: int = 64, deformable_groups: int = 8) -> None:
+        super().__init__()
+        self.align_1to2 = PyramidAlign(nf, deformable_groups)
+        self.align_2to1 = PyramidAlign(nf, deformable_groups)
+        self.fusion = nn.Conv2d(2 * nf, nf, 1)
+
+    def forward(self, f1, f2) -> Tensor:
+        return self.fusion(torch.cat((self.align_1to2(f1, f2), self.align_2to1(f2, f1)), 1))
+
+
+class EasyPCD(nn.Module):
+    """PCD alignment of two single-level features: builds their pyramids first (own weights)."""
+
+    def __init__(self, nf: int = 64, deformable_groups: int = 8) -> None:
+        super().__init__()
+        self.pyramid = FeaturePyramid(nf)
+        self.pcd = PCDAlign(nf, deformable_groups)
+
+    def forward(self, f1: Tensor, f2: Tensor) -> Tensor:
+        b = f1.shape[0]
+        levels = self.pyramid(torch.cat((f1, f2), 0))  # both pyramids in one batch
+        return self.pcd(tuple(x[:b] for x in levels), tuple(x[b:] for x in levels))
+
+
+class DeformableConvLSTM(nn.Module):
+    """Bidirectional deformable ConvLSTM (Zooming Slow-Mo).
+
+    The same cell runs over the sequence and over its reverse.  At each step
+    the hidden and cell states are first aligned to the input with their own
+    pyramid + PCD (``pcd_h``, ``pcd_c``); the cell is one 3x3 conv over
+    cat(x, h) giving the gates i, f, o, g.  Each step's output is a 1x1 conv
+    over [h_forward, h_backward].
+
+    Shape: (b, T, nf, h, w) -> (b, T, nf, h, w).
+    """
+
+    def __init__(self, nf: int = 64, deformable_groups: int = 8) -> None:
+        super().__init__()
+        self.nf = nf
+        self.pcd_h = EasyPCD(nf, deformable_groups)
+        self.pcd_c = EasyPCD(nf, deformable_groups)
+        self.cell = nn.Conv2d(2 * nf, 4 * nf, 3, 1, 1)
+        self.fusion = nn.Conv2d(2 * nf, nf, 1)
+
+    def _run(self, frames: list[Tensor]) -> list[Tensor]:
+        h = torch.zeros_like(frames[0])  # zero states on the input's device and dtype
+        c = torch.zeros_like(frames[0])
+        outputs = []
+        for x in frames:
+            h = self.pcd_h(x, h)
+            c = self.pcd_c(x, c)
+            i, f, o, g = torch.split(self.cell(torch.cat((x, h), 1)), self.nf, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        return outputs
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c, hh, ww = x.shape
+        frames = list(x.unbind(1))
+        forward = self._run(frames)
+        backward = self._run(frames[::-1])[::-1]
+        fused = self.fusion(torch.cat((torch.stack(forward, 1), torch.stack(backward, 1)), 2).view(b * t, 2 * c, hh, ww))
+        return fused.view(b, t, c, hh, ww)
+
+
+class PFRDB(nn.Module):
+    """Progressive fusion residual dense block over T frames (weights shared over frames).
+
+    I1_t = lrelu(conv(I0_t)); base = lrelu(conv1x1(cat_t I1_t)); I2_t = lrelu(conv(cat(base, I1_t)));
+    I0_t + I2_t.  Shape: (b, T, nf, h, w) -> same.
+    """
+
+    def __init__(self, nf: int = 64, num_frames: int = 7) -> None:
+        super().__init__()
+        self.conv_in = conv3x3(nf, nf)
+        self.conv_base = nn.Conv2d(num_frames * nf, nf, 1)
+        self.conv_out = conv3x3(2 * nf, nf)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c, h, w = x.shape
+        i1 = lrelu(self.conv_in(x.reshape(b * t, c, h, w)))
+        base = lrelu(self.conv_base(i1.view(b, t * c, h, w)))
+        base = base.unsqueeze(1).expand(b, t, c, h, w).reshape(b * t, c, h, w)
+        i2 = lrelu(self.conv_out(torch.cat((base, i1), 1)))
+        return x + i2.view(b, t, c, h, w)
+
+
+class Reconstruction(nn.Module):
+    """Per-frame reconstruction: residual trunk, two (conv, PixelShuffle(2), lrelu), conv+lrelu, conv to RGB."""
+
+    def __init__(self, nf: int = 64, num_blocks: int = 20, out_channels: int = 3) -> None:
+        super().__init__()
+        self.trunk = make_residual_trunk(nf, num_blocks)
+        self.upconv1 = nn.Conv2d(nf, nf * 4, 3, 1, 1)
+        self.upconv2 = nn.Conv2d(nf, nf * 4, 3, 1, 1)
+        self.pixel_shuffle = nn.PixelShuffle(2)
+        self.conv_hr = conv3x3(nf, nf)
+        self.conv_last = conv3x3(nf, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.trunk(x)
+        x = lrelu(self.pixel_shuffle(self.upconv1(x)))
+        x = lrelu(self.pixel_shuffle(self.upconv2(x)))
+        return self.conv_last(lrelu(self.conv_hr(x)))

@@ -1,0 +1,208 @@
+"""MEGAN: Memory Enhanced Graph Attention Network for space-time video super-resolution."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megan_fast.models.blocks import (
+    PCDAlign,
+    DeformableConvLSTM,
+    FeaturePyramid,
+    PFRDB,
+    Reconstruction,
+    lrelu,
+    make_residual_trunk,
+)
+from megan_fast.nn import LMGA, NonLocalBlock
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclasses.dataclass
+class MEGANConfig:
+    """Hyper-parameters of :class:`MEGAN` (defaults: the paper's 10.66 M-parameter model)."""
+
+    num_input_frames: int = 4
+    nf: int = 64
+    front_blocks: int = 5
+    back_blocks: int = 20
+    num_pfrdb: int = 5
+    deformable_groups: int = 8
+    nonlocal_inner: int = 32
+    nonlocal_scale: float = 1.0
+    tau: int = 4
+    graph_layers: int = 2
+    graph_hidden: int = 16
+    graph_slope: float = 0.2
+    memory_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_input_frames < 2:
+            raise ValueError(f"MEGAN: num_input_frames must be >= 2, got {self.num_input_frames}")
+        if self.nf % self.deformable_groups != 0:
+            raise ValueError(f"MEGAN: nf ({self.nf}) must be divisible by deformable_groups ({self.deformable_groups})")
+        for name in ("nf", "nonlocal_inner", "tau", "graph_hidden", "deformable_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MEGAN: {name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def num_output_frames(self) -> int:
+        return 2 * self.num_input_frames - 1
+
+
+class FeatureExtractor(nn.Module):
+    """conv_first + lrelu, non-local block, residual blocks, non-local block, 3-level pyramid."""
+
+    def __init__(self, cfg: MEGANConfig) -> None:
+        super().__init__()
+        nf = cfg.nf
+        self.conv_first = nn.Conv2d(3, nf, 3, 1, 1)
+        self.nonlocal_in = NonLocalBlock(nf, cfg.nonlocal_inner, cfg.nonlocal_scale)
+        self.trunk = make_residual_trunk(nf, cfg.front_blocks)
+        self.nonlocal_out = NonLocalBlock(nf, cfg.nonlocal_inner, cfg.nonlocal_scale)
+        self.pyramid = FeaturePyramid(nf)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.nonlocal_out(self.trunk(self.nonlocal_in(lrelu(self.conv_first(x)))))
+        return self.pyramid(x)
+
+
+class MEGAN(nn.Module):
+    """Space-time video super-resolution: n_in frames -> 2*n_in - 1 frames at 4x resolution.
+
+    Sub-modules, in order: ``features`` (shared per-frame feature extraction
+    with non-local blocks and a 3-level pyramid), ``interpolation`` (PCD
+    alignment synthesising the feature of each in-between frame),
+    ``convlstm`` (bidirectional deformable ConvLSTM), ``lmga`` (long-range
+    memory graph aggregation), ``pfrdbs`` (progressive fusion) and
+    ``reconstruction`` (residual trunk + PixelShuffle x4), DESIGN.md section 3.
+
+    Args:
+        config: a :class:`MEGANConfig`, or None; keyword arguments override its fields.
+
+    Shape:
+        (b, n_in, 3, H, W) -> (b, 2*n_in - 1, 3, 4H, 4W) for any H, W (padded
+        to a multiple of 4 inside, cropped back).  Output frame 2i re-makes
+        input frame i; frame 2i+1 lies between inputs i and i+1.
+    """
+
+    def __init__(self, config: MEGANConfig | dict | None = None, **overrides: Any) -> None:
+        super().__init__()
+        if isinstance(config, dict):
+            config = MEGANConfig(**config)
+        cfg = dataclasses.replace(config or MEGANConfig(), **overrides)
+        self.config = cfg
+        nf, t_out = cfg.nf, cfg.num_output_frames
+        self.features = FeatureExtractor(cfg)
+        self.interpolation = PCDAlign(nf, cfg.deformable_groups)
+        self.convlstm = DeformableConvLSTM(nf, cfg.deformable_groups)
+        self.lmga = LMGA(nf, cfg.tau, cfg.graph_layers, cfg.graph_hidden, cfg.graph_slope, seed=cfg.memory_seed)
+        self.pfrdbs = nn.ModuleList(PFRDB(nf, t_out) for _ in range(cfg.num_pfrdb))
+        self.reconstruction = Reconstruction(nf, cfg.back_blocks)
+
+    # ------------------------------------------------------------------ config
+
+    def config_dict(self) -> dict:
+        """The config as a plain dict: ``MEGAN(model.config_dict())`` builds the same architecture."""
+        return dataclasses.asdict(self.config)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: Tensor, memory_indices: list[int] | None = None) -> Tensor:
+        cfg = self.config
+        if x.dim() != 5 or x.shape[1] != cfg.num_input_frames or x.shape[2] != 3:
+            raise ValueError(
+                f"MEGAN: input must have shape (b, {cfg.num_input_frames}, 3, H, W), got {tuple(x.shape)}"
+            )
+        b, n, _, h, w = x.shape
+        pad_h, pad_w = (-h) % 4, (-w) % 4
+        frames = x.reshape(b * n, 3, h, w)
+        if pad_h or pad_w:
+            frames = F.pad(frames, (0, pad_w, 0, pad_h), mode="replicate")
+        hp, wp = h + pad_h, w + pad_w
+        nf = cfg.nf
+
+        l1, l2, l3 = self.features(frames)
+        levels = [lvl.view(b, n, nf, *lvl.shape[-2:]) for lvl in (l1, l2, l3)]
+
+        # In-between features for all neighbouring pairs at once.
+        first = tuple(lvl[:, :-1].reshape(b * (n - 1), nf, *lvl.shape[-2:]) for lvl in levels)
+        second = tuple(lvl[:, 1:].reshape(b * (n - 1), nf, *lvl.shape[-2:]) for lvl in levels)
+        between = self.interpolation(first, second).view(b, n - 1, nf, hp, wp)
+        # Sequence F1, I12, F2, I23, ..., Fn.
+        t = 2 * n - 1
+        seq = torch.empty(b, t, nf, hp, wp, dtype=between.dtype, device=between.device)
+        seq[:, 0::2] = levels[0]
+        seq[:, 1::2] = between
+
+        feats = self.convlstm(seq)
+        feats = self.lmga(feats, memory_indices)
+        for block in self.pfrdbs:
+            feats = block(feats)
+        out = self.reconstruction(feats.reshape(b * t, nf, hp, wp))
+        out = out.view(b, t, 3, 4 * hp, 4 * wp)
+        return out[..., : 4 * h, : 4 * w]
+
+    # ------------------------------------------------------------------ weights I/O
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Writes ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda path: save_file(state, path, {"format": "pt"}))
+        _atomic_write(
+            os.path.join(directory, CONFIG_NAME),
+            lambda path: open(path, "w").write(json.dumps(self.config_dict(), indent=2) + "\n"),
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "MEGAN":
+        """Builds the model from ``config.json`` and loads ``model.safetensors`` from ``directory``."""
+        from safetensors.torch import load_file
+
+        config_path = os.path.join(directory, CONFIG_NAME)
+        weights_path = os.path.join(directory, WEIGHTS_NAME)
+        for path in (config_path, weights_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"MEGAN.from_pretrained: {path} not found (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+        with open(config_path) as f:
+            config = json.load(f)
+        model = cls(config)
+        model.load_state_dict(load_file(weights_path, device=str(map_location)))
+        return model
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``, with one clear error listing every mismatched shape."""
+        own = self.state_dict()
+        bad = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in state_dict.items()
+            if k in own and tuple(v.shape) != tuple(own[k].shape)
+        ]
+        if bad:
+            raise ValueError(
+                "MEGAN.load_state_dict: the checkpoint does not fit this model's config (shape mismatch):\n  "
+                + "\n  ".join(bad[:20])
+                + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
