@@ -162,8 +162,8 @@ class DeformableConvLSTM(nn.Module):
         frames = list(x.unbind(1))
         forward = self._run(frames)
         backward = self._run(frames[::-1])[::-1]
-        fused = self.fusion(torch.cat((torch.stack(forward, 1), torch.stack(backward, 1)), 2).view(b * t, 2 * c, hh, ww))
-        return fused.view(b, t, c, hh, ww)
+        fused = self.fusion(torch.cat((torch.stack(forward, 1), torch.stack(backward, 1)), 2).reshape(b * t, 2 * c, hh, ww))
+        return fused.reshape(b, t, c, hh, ww)
 
 
 class PFRDB(nn.Module):
@@ -182,10 +182,10 @@ class PFRDB(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, t, c, h, w = x.shape
         i1 = lrelu(self.conv_in(x.reshape(b * t, c, h, w)))
-        base = lrelu(self.conv_base(i1.view(b, t * c, h, w)))
+        base = lrelu(self.conv_base(i1.reshape(b, t * c, h, w)))
         base = base.unsqueeze(1).expand(b, t, c, h, w).reshape(b * t, c, h, w)
         i2 = lrelu(self.conv_out(torch.cat((base, i1), 1)))
-        return x + i2.view(b, t, c, h, w)
+        return x + i2.reshape(b, t, c, h, w)
 
 
 class Reconstruction(nn.Module):

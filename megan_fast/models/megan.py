@@ -131,12 +131,12 @@ class MEGAN(nn.Module):
         nf = cfg.nf
 
         l1, l2, l3 = self.features(frames)
-        levels = [lvl.view(b, n, nf, *lvl.shape[-2:]) for lvl in (l1, l2, l3)]
+        levels = [lvl.reshape(b, n, nf, *lvl.shape[-2:]) for lvl in (l1, l2, l3)]
 
         # In-between features for all neighbouring pairs at once.
         first = tuple(lvl[:, :-1].reshape(b * (n - 1), nf, *lvl.shape[-2:]) for lvl in levels)
         second = tuple(lvl[:, 1:].reshape(b * (n - 1), nf, *lvl.shape[-2:]) for lvl in levels)
-        between = self.interpolation(first, second).view(b, n - 1, nf, hp, wp)
+        between = self.interpolation(first, second).reshape(b, n - 1, nf, hp, wp)
         # Sequence F1, I12, F2, I23, ..., Fn.
         t = 2 * n - 1
         seq = torch.empty(b, t, nf, hp, wp, dtype=between.dtype, device=between.device)
@@ -148,7 +148,7 @@ class MEGAN(nn.Module):
         for block in self.pfrdbs:
             feats = block(feats)
         out = self.reconstruction(feats.reshape(b * t, nf, hp, wp))
-        out = out.view(b, t, 3, 4 * hp, 4 * wp)
+        out = out.reshape(b, t, 3, 4 * hp, 4 * wp)
         return out[..., : 4 * h, : 4 * w]
 
     # ------------------------------------------------------------------ weights I/O

@@ -134,11 +134,11 @@ class LMGA(nn.Module):
             (feats.unsqueeze(2).expand(b, t, self.tau, c, h, w), memory.unsqueeze(1).expand(b, t, self.tau, c, h, w)),
             dim=3,
         )
-        embedded = self.node_embed(pairs.reshape(b * t * self.tau, 2 * c, h, w)).view(b * t, self.tau, c, h, w)
+        embedded = self.node_embed(pairs.reshape(b * t * self.tau, 2 * c, h, w)).reshape(b * t, self.tau, c, h, w)
         nodes = torch.cat((feats.reshape(b * t, 1, c, h, w), embedded), dim=1)  # (b*T, p, c, h, w)
         for graph, conv in zip(self.graph_layers, self.graph_convs):
             message = graph(nodes).reshape(b * t * p, c, h, w)
-            nodes = nodes + F.leaky_relu(conv(message), 0.1).view(b * t, p, c, h, w)
-        refined = self.refine(nodes.reshape(b * t * p, c, h, w)).view(b * t, p * c, h, w)
-        out = self.fusion(refined).view(b, t, c, h, w)
+            nodes = nodes + F.leaky_relu(conv(message), 0.1).reshape(b * t, p, c, h, w)
+        refined = self.refine(nodes.reshape(b * t * p, c, h, w)).reshape(b * t, p * c, h, w)
+        out = self.fusion(refined).reshape(b, t, c, h, w)
         return out + feats

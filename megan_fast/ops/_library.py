@@ -115,3 +115,18 @@ def auto_choice(native_op: str | None, triton_error: str | None, cpu: str = "nat
     if cuda == "triton" and (triton_error is not None or _backend.triton_status("cuda") is not None):
         cuda = "stock"
     return {"cpu": cpu, "cuda": cuda}
+
+
+def autocast_cast(*tensors):
+    """Casts the floating tensors to the dtype the op runs in under autocast (no-op outside autocast).
+
+    Under ``torch.autocast`` the callers' tensors arrive in mixed dtypes
+    (activations in bf16/fp16, parameters in fp32).  On CUDA the op then runs
+    in the autocast dtype; on CPU, whose kernels are float32/float64, in float32.
+    """
+    first = next(t for t in tensors if t is not None)
+    device_type = first.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.float32 if device_type == "cpu" else torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

@@ -236,6 +236,8 @@ def modulated_deform_conv2d(
     stride = _pair(stride, "stride")
     padding = _pair(padding, "padding")
     dilation = _pair(dilation, "dilation")
+    if isinstance(input, Tensor):
+        input, offset, weight, bias, mask = _library.autocast_cast(input, offset, weight, bias, mask)
     _check(input, offset, weight, bias, mask, stride, padding, dilation)
     fn = _backend.impl(OP, input.device.type)
     return fn(input, offset, weight, bias, stride, padding, dilation, mask)

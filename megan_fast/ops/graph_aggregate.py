@@ -165,5 +165,7 @@ def graph_aggregate(
     Gradients flow to nodes, w1, b1 and w2.  dtypes: float32/float64 on CPU;
     float32/float16/bfloat16 on GPU (float32 accumulation).
     """
+    if isinstance(nodes, Tensor):
+        nodes, w1, b1, w2 = _library.autocast_cast(nodes, w1, b1, w2)
     _check(nodes, w1, b1, w2, negative_slope)
     return _backend.impl(OP, nodes.device.type)(nodes, w1, b1, w2, float(negative_slope), bool(return_adjacency))

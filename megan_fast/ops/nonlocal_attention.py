@@ -150,5 +150,7 @@ def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float = 1.0) -> T
     dtypes: float32/float64 on CPU; float32/float16/bfloat16 on GPU (float32
     accumulation).  Gradients flow to q, k and v.
     """
+    if isinstance(q, Tensor):
+        q, k, v = _library.autocast_cast(q, k, v)
     _check(q, k, v, scale)
     return _backend.impl(OP, q.device.type)(q, k, v, float(scale))

@@ -1,0 +1,170 @@
+"""Whole-clip inference: temporal windows, optional spatial tiles, every output frame once.
+
+A clip of t low-resolution frames at a low frame rate becomes 2t - 1 frames at
+4x the resolution.  The model sees n_in frames at a time (4 for MEGAN): windows
+of n_in input frames (2*n_in - 1 = 7 output frames) advance by n_in - 1 input
+frames (6 output frames), and the last window is aligned to the end of the
+clip, as in the evaluation protocol of DESIGN.md section 4.  Output frame 2i
+re-makes input frame i.  Where windows overlap, a frame is taken from the
+earliest window that makes it.
+
+Memory is bounded by one window (and one tile), not by the clip: the
+streaming form :func:`iter_upscale` holds at most n_in input frames.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from megan_fast.models import MEGAN
+
+
+def window_starts(num_frames: int, n_in: int) -> list[int]:
+    """Input index of the first frame of each window (last window aligned to the end)."""
+    if num_frames < n_in:
+        raise ValueError(f"the clip has {num_frames} frames but the model needs at least {n_in}")
+    stride = n_in - 1
+    starts = list(range(0, num_frames - n_in + 1, stride))
+    if starts[-1] != num_frames - n_in:
+        starts.append(num_frames - n_in)
+    return starts
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    if tile >= size:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, size - tile + 1, step))
+    if starts[-1] != size - tile:
+        starts.append(size - tile)
+    return starts
+
+
+def _ramp(length: int, ramp: int, left: bool, right: bool, like: Tensor) -> Tensor:
+    """1-D blending weights: linear ramps of ``ramp`` samples on the sides shared with a neighbour."""
+    w = torch.ones(length, dtype=torch.float32, device=like.device)
+    if ramp > 0:
+        r = (torch.arange(ramp, dtype=torch.float32, device=like.device) + 0.5) / ramp
+        if left:
+            w[:ramp] = torch.minimum(w[:ramp], r)
+        if right:
+            w[-ramp:] = torch.minimum(w[-ramp:], r.flip(0))
+    return w
+
+
+def run_window(model: MEGAN, window: Tensor, tile: int | None = None, tile_overlap: int = 16) -> Tensor:
+    """Runs the model on one window, in spatial tiles if ``tile`` is given.
+
+    Args:
+        window: (b, n_in, 3, H, W) low-resolution input frames.
+        tile: tile size in input pixels (None or >= H and W: one tile).
+        tile_overlap: overlap of neighbouring tiles in input pixels; the
+            outputs are blended with linear ramps across the overlap.
+
+    Returns:
+        (b, 2*n_in - 1, 3, 4H, 4W).
+    """
+    b, n, c, h, w = window.shape
+    if tile is None or (tile >= h and tile >= w):
+        return model(window)
+    if tile < 4:
+        raise ValueError(f"tile must be at least 4 input pixels, got {tile}")
+    if not 0 <= tile_overlap < tile:
+        raise ValueError(f"tile_overlap must be in [0, tile), got {tile_overlap} with tile={tile}")
+    th, tw = min(tile, h), min(tile, w)
+    ys, xs = _tile_starts(h, th, tile_overlap), _tile_starts(w, tw, tile_overlap)
+    out = None
+    weight = None
+    for y in ys:
+        for x in xs:
+            piece = model(window[..., y : y + th, x : x + tw]).float()
+            if out is None:
+                out = piece.new_zeros(b, piece.shape[1], c, 4 * h, 4 * w)
+                weight = piece.new_zeros(4 * h, 4 * w)
+            wy = _ramp(4 * th, 4 * tile_overlap, y > 0, y + th < h, piece)
+            wx = _ramp(4 * tw, 4 * tile_overlap, x > 0, x + tw < w, piece)
+            wgt = wy[:, None] * wx[None, :]
+            out[..., 4 * y : 4 * (y + th), 4 * x : 4 * (x + tw)] += piece * wgt
+            weight[4 * y : 4 * (y + th), 4 * x : 4 * (x + tw)] += wgt
+    return (out / weight).to(window.dtype)
+
+
+def iter_upscale(
+    model: MEGAN,
+    frames: Iterable[Tensor],
+    tile: int | None = None,
+    tile_overlap: int = 16,
+    device: torch.device | str | None = None,
+) -> Iterator[Tensor]:
+    """Streams output frames of a clip given as an iterable of (3, H, W) input frames.
+
+    Yields (3, 4H, 4W) frames in order, 2t - 1 of them, holding at most n_in
+    input frames at a time.  Raises ValueError if the clip has fewer than n_in
+    frames.
+    """
+    n_in = model.config.num_input_frames
+    stride = n_in - 1
+    buffer: collections.deque[Tensor] = collections.deque(maxlen=n_in)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    emitted = 0  # output frames yielded so far
+    seen = 0
+    next_start = 0
+
+    def run() -> Tensor:
+        window = torch.stack(list(buffer), 0).unsqueeze(0).to(device)
+        with torch.no_grad():
+            return run_window(model, window, tile, tile_overlap)[0]
+
+    for frame in frames:
+        buffer.append(frame)
+        seen += 1
+        if seen - 1 == next_start + n_in - 1:  # window [next_start, next_start + n_in) is complete
+            out = run()
+            for j in range(out.shape[0]):
+                if 2 * next_start + j >= emitted:
+                    yield out[j]
+                    emitted += 1
+            next_start += stride
+    if seen < n_in:
+        raise ValueError(f"the clip has {seen} frames but the model needs at least {n_in}")
+    if emitted < 2 * seen - 1:  # last window, aligned to the end
+        start = seen - n_in
+        out = run()
+        for j in range(out.shape[0]):
+            if 2 * start + j >= emitted:
+                yield out[j]
+                emitted += 1
+
+
+def upscale_frames(
+    model: MEGAN,
+    frames: Tensor,
+    tile: int | None = None,
+    tile_overlap: int = 16,
+    window: int | None = None,
+) -> Tensor:
+    """Upscales a whole clip: (t, 3, H, W) -> (2t - 1, 3, 4H, 4W), every output frame exactly once.
+
+    Args:
+        model: a :class:`MEGAN` (put it in eval mode first).
+        frames: (t, 3, H, W) input frames, t >= n_in, values in [0, 1].
+        tile: spatial tile size in input pixels, or None for whole frames.
+            A tile covering the frame gives exactly the untiled result.
+        tile_overlap: tile overlap in input pixels (blended linearly).
+        window: output frames per temporal window; must be 2*n_in - 1 (the
+            only size the model supports; default).
+
+    Returns:
+        (2t - 1, 3, 4H, 4W) on ``frames``' device.
+    """
+    n_in = model.config.num_input_frames
+    if window is not None and window != 2 * n_in - 1:
+        raise ValueError(f"window must be {2 * n_in - 1} output frames for a model with {n_in} input frames")
+    if frames.dim() != 4 or frames.shape[1] != 3:
+        raise ValueError(f"frames must have shape (t, 3, H, W), got {tuple(frames.shape)}")
+    outs = list(iter_upscale(model, frames.unbind(0), tile, tile_overlap))
+    return torch.stack(outs, 0).to(frames.device)
