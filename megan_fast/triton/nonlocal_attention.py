@@ -87,6 +87,7 @@ compute type (about 48 bits, plenty for fp64 checks).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
@@ -562,13 +563,33 @@ def _needs_int64(*tensors: Tensor) -> bool:
 
 # Block configurations.  CPU (interpreter): tiny tiles, so that the small test
 # problems span several blocks (online-softmax rescaling, tails) and numpy
-# temporaries stay small.  CUDA: tuned for MEGAN's head dim 32 on an H100
-# (see the module docstring); fp32 goes through exact (non tensor core) fp32
-# products, fp64 through fp64 ones: smaller tiles for both.
+# temporaries stay small.  CUDA: chosen for MEGAN's head dim 32 on an H100
+# but not yet measured (written without a GPU); fp32 goes through exact (not
+# TF32) fp32 products, fp64 through fp64 ones: smaller tiles for both.  No
+# triton.autotune: its benchmarking syncs the host on every new key and does
+# not mix with CUDA-graph capture.
 _CPU_CFG = dict(BLOCK_Q=16, BLOCK_KV=16, num_warps=4, num_stages=1)
 
 
-def _fwd_config(device: torch.device, dtype: torch.dtype, bd: int, bdv: int) -> dict:
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _fill(rows: int, block: int, b: int, device: torch.device) -> int:
+    """block, halved (down to 64) while the grid (cdiv(rows, block), b) has fewer
+    programs than the GPU has SMs: n = 1024 with a batch of 1 would otherwise
+    run 8 programs of 128 rows on a 132-SM H100."""
+    while block > 64 and triton.cdiv(rows, block) * b < _num_sms(device):
+        block //= 2
+    return block
+
+
+def _fwd_config(device: torch.device, dtype: torch.dtype, bd: int, bdv: int, b: int, n: int) -> dict:
     if device.type != "cuda":
         return dict(_CPU_CFG)
     if dtype == torch.float64:
@@ -576,13 +597,13 @@ def _fwd_config(device: torch.device, dtype: torch.dtype, bd: int, bdv: int) -> 
     if dtype == torch.float32:
         return dict(BLOCK_Q=64, BLOCK_KV=32, num_warps=4, num_stages=2)
     if max(bd, bdv) <= 64:
-        return dict(BLOCK_Q=128, BLOCK_KV=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_Q=_fill(n, 128, b, device), BLOCK_KV=64, num_warps=4, num_stages=3)
     if max(bd, bdv) <= 128:
-        return dict(BLOCK_Q=128, BLOCK_KV=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_Q=_fill(n, 128, b, device), BLOCK_KV=64, num_warps=8, num_stages=2)
     return dict(BLOCK_Q=64, BLOCK_KV=32, num_warps=8, num_stages=2)
 
 
-def _bwd_config(device: torch.device, dtype: torch.dtype, bd: int, bdv: int) -> dict:
+def _bwd_config(device: torch.device, dtype: torch.dtype, bd: int, bdv: int, b: int, n: int, m: int) -> dict:
     """Blocks of both backward kernels: dkdv owns BLOCK_KV keys and loops over
     BLOCK_Q queries; dq the other way round (its own BLOCK_Q_DQ / BLOCK_KV_DQ)."""
     if device.type != "cuda":
@@ -594,8 +615,8 @@ def _bwd_config(device: torch.device, dtype: torch.dtype, bd: int, bdv: int) -> 
         return dict(BLOCK_Q=32, BLOCK_KV=64, BLOCK_Q_DQ=64, BLOCK_KV_DQ=32, BLOCK_PRE=128,
                     num_warps=4, num_stages=2)
     if max(bd, bdv) <= 64:
-        return dict(BLOCK_Q=64, BLOCK_KV=128, BLOCK_Q_DQ=128, BLOCK_KV_DQ=64, BLOCK_PRE=128,
-                    num_warps=8, num_stages=2)
+        return dict(BLOCK_Q=64, BLOCK_KV=_fill(m, 128, b, device), BLOCK_Q_DQ=_fill(n, 128, b, device),
+                    BLOCK_KV_DQ=64, BLOCK_PRE=128, num_warps=8, num_stages=2)
     return dict(BLOCK_Q=32, BLOCK_KV=64, BLOCK_Q_DQ=64, BLOCK_KV_DQ=32, BLOCK_PRE=128,
                 num_warps=8 if max(bd, bdv) > 128 else 4, num_stages=2)
 
@@ -625,7 +646,7 @@ def nonlocal_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) ->
     if b == 0 or n == 0:
         return out, lse
     bd, bdv = _head_block(d), _head_block(dv)
-    cfg = _fwd_config(device, dtype, bd, bdv)
+    cfg = _fwd_config(device, dtype, bd, bdv, b, n)
     qk_hi, qk_lo = _split_f32(float(scale) * _LOG2E)
     grid = (triton.cdiv(n, cfg["BLOCK_Q"]), b)
     args = (
@@ -663,7 +684,7 @@ def nonlocal_attention_backward(
     if grad_out.dtype != dtype:
         grad_out = grad_out.to(dtype)
     bd, bdv = _head_block(d), _head_block(dv)
-    cfg = _bwd_config(device, dtype, bd, bdv)
+    cfg = _bwd_config(device, dtype, bd, bdv, b, n, m)
     cdt = _compute_dtype(dtype)
     int64 = _needs_int64(q, k, v, grad_out, out)
     ieee = dtype in (torch.float32, torch.float64)
