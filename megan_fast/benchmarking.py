@@ -96,3 +96,94 @@ def dcn_summary(backends=("native", "stock"), cases=None, device="cpu", min_run_
                 )
             rows.append({"case": case.name, "pass": "fwd+bwd" if backward else "fwd", "seconds": times})
     return rows
+
+
+# --------------------------------------------------------------------------- attention
+
+ATTENTION_SIZES = (1024, 7168)  # MEGAN: 32x32 training crop, 64x112 features
+
+
+def attention_inputs(n: int, b: int = 4, d: int = 32, device="cpu", dtype=torch.float32, requires_grad=False,
+                     seed=0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(
+        torch.randn(b, n, d, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+        for _ in range(3)
+    )
+
+
+def attention_explicit(q, k, v, scale=1.0):
+    """What one writes without a fused kernel: the n x m matrix, softmax, matmul."""
+    return torch.softmax(scale * q @ k.transpose(1, 2), dim=-1) @ v
+
+
+def attention_step(backend: str, qkv: tuple, backward: bool) -> Callable[[], None]:
+    from megan_fast.ops import nonlocal_attention
+
+    grad = None
+
+    def run() -> None:
+        nonlocal grad
+        if backend == "explicit":
+            out = attention_explicit(*qkv)
+        else:
+            with use_backend(backend):
+                out = nonlocal_attention(*qkv, 1.0)
+        if backward:
+            if grad is None:
+                grad = torch.randn_like(out)
+            torch.autograd.grad(out, qkv, grad)
+
+    return run
+
+
+# --------------------------------------------------------------------------- graph aggregation
+
+GRAPH_SHAPE = dict(b=7, p=5, c=64, hd=16, h=64, w=112)
+
+
+def graph_inputs(b=7, p=5, c=64, hd=16, h=64, w=112, device="cpu", dtype=torch.float32, requires_grad=False,
+                 seed=0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+
+    def make(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    return make(b, p, c, h, w), make(hd, c, scale=c**-0.5), make(hd, scale=0.1), make(hd, scale=hd**-0.5)
+
+
+def graph_step(backend: str, inputs: tuple, backward: bool) -> Callable[[], None]:
+    from megan_fast.ops import graph_aggregate
+
+    grad = None
+
+    def run() -> None:
+        nonlocal grad
+        with use_backend(backend):
+            out = graph_aggregate(*inputs, 0.2)
+        if backward:
+            if grad is None:
+                grad = torch.randn_like(out)
+            torch.autograd.grad(out, inputs, grad)
+
+    return run
+
+
+# --------------------------------------------------------------------------- whole model
+
+
+def model_step(model, backend: str, x, train: bool, target=None) -> Callable[[], None]:
+    """One inference pass (no grad), or one training step's forward + backward (Charbonnier loss)."""
+
+    def run() -> None:
+        with use_backend(backend):
+            if not train:
+                with torch.no_grad():
+                    model(x)
+                return
+            y = model(x)
+            loss = torch.sqrt((y - target) ** 2 + 1e-6).mean()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+    return run

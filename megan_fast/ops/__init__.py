@@ -7,6 +7,9 @@ from megan_fast.ops._backend import BACKENDS, get_backend, set_backend, use_back
 from megan_fast.ops.deform_conv import modulated_deform_conv2d
 from megan_fast.ops.graph_aggregate import graph_aggregate
 from megan_fast.ops.nonlocal_attention import nonlocal_attention
+from megan_fast.ops import _flops
+
+_flops.register_all()
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "modulated_deform_conv2d", "nonlocal_attention",
            "graph_aggregate"]

@@ -119,6 +119,11 @@ def impl(op: str, device_type: str) -> Callable:
     table = _REG.table[op]
     if device_type in table:
         return table[device_type]
+    if device_type == "meta":
+        # Shape propagation (FLOP counting, fake tensors): any registered op
+        # variant has a fake kernel; the Triton variant is always defined.
+        backend = "triton" if _REG.name in ("auto", "native", "triton") else _REG.name
+        return _REG.impls[op][backend]
     # Other devices (mps, xpu, ...) run the plain-PyTorch reference unless a
     # specific backend was asked for.
     if _REG.name in ("auto", "reference"):
