@@ -65,7 +65,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megan_fast", "megan_fast.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "torchvision", "numpy"],
+    install_requires=["torch>=2.6", "torchvision", "numpy", "safetensors", "pillow", "pyyaml", "tqdm", "av"],
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "pytest-benchmark", "expecttest"],
