@@ -127,6 +127,8 @@ def build_dataset(spec: dict, seed: int, train: bool):
     if kind == "vimeo90k":
         return data.Vimeo90KSeptuplet(root, **spec, **({"seed": seed} if train else {}))
     if kind == "folder":
+        if not train:
+            spec.setdefault("mode", "eval")  # whole frames, the protocol's windows
         return data.VideoFolderClips(root, **spec, **({"seed": seed} if train else {}))
     raise ConfigError(f"data type must be 'vimeo90k' or 'folder', got {kind!r}")
 

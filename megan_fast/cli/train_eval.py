@@ -55,10 +55,7 @@ def _clips(args):
             lq[0::2] = item["lq"]
             yield item["key"], item["gt"], lq
         return
-    ds = data.VideoFolderClips(args.data, lq_root=args.lq)
-    for name in ds.clip_names:
-        gt, lq = ds.clip_frames(name)
-        yield name, gt, lq
+    yield from data.VideoFolderClips(args.data, lq_root=args.lq, mode="eval").iter_clips()
 
 
 def _eval(args: argparse.Namespace) -> int:
