@@ -191,8 +191,13 @@ class TrainResult:
     val_psnr: float | None
 
 
-def train(cfg: dict, resume: bool = False, device: str | None = None, progress: bool = True) -> TrainResult:
-    """Runs (or resumes) training as configured; returns where it ended."""
+def train(cfg: dict, resume: bool = False, device: str | None = None, progress: bool = True,
+          stop_at: int | None = None) -> TrainResult:
+    """Runs (or resumes) training as configured; returns where it ended.
+
+    ``stop_at`` ends the run early after that iteration (with a checkpoint),
+    leaving the schedule unchanged, so that ``resume`` continues it later.
+    """
     from tqdm import tqdm
 
     distributed = dist.is_available() and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
@@ -267,12 +272,13 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
 
     it = start_it
     total = int(optim_cfg["iterations"])
+    end = min(total, stop_at) if stop_at is not None else total
     last_loss = float("nan")
     val_psnr = None
     saved = None
     bar = tqdm(total=total, initial=start_it, unit="it", desc=cfg["name"], disable=not progress or rank != 0)
     model.train()
-    while it < total:
+    while it < end:
         epoch, pos = divmod(it, per_epoch)
         sampler.set_position(epoch, pos * batch)
         if hasattr(train_set, "set_epoch"):
@@ -314,10 +320,10 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
                 model.train()
                 if writer is not None:
                     writer.add_scalar("val/psnr_y", val_psnr, it)
-            if it % log_cfg["save_every"] == 0 or it == total:
+            if it % log_cfg["save_every"] == 0 or it == end:
                 saved = save_checkpoint(out_dir, it, model, optimizer, scheduler, ema, rank, world,
                                         int(log_cfg["keep_checkpoints"]))
-            if it >= total or it % per_epoch == 0:
+            if it >= end or it % per_epoch == 0:
                 break
     bar.close()
     if writer is not None:
@@ -376,7 +382,7 @@ def main_train(args) -> int:
         cfg["output_dir"] = args.output_dir
     if args.iterations:
         cfg["optim"]["iterations"] = args.iterations
-    result = train(cfg, resume=args.resume, device=args.device)
+    result = train(cfg, resume=args.resume, device=args.device, stop_at=args.stop_at)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(dataclasses.asdict(result)))
     return 0

@@ -15,6 +15,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("--output-dir", default=None, help="override output_dir of the config")
     p.add_argument("--iterations", type=int, default=None, help="override optim.iterations")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this iteration (checkpointed; the schedule is unchanged) to --resume later")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, per local rank)")
     p.set_defaults(func=_train)
 
