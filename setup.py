@@ -38,7 +38,7 @@ def extensions():
     # -fopenmp at compile time only: at::parallel_for's OpenMP pragmas then
     # resolve against the OpenMP runtime torch already ships and loads.
     cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
-    cxx += ["-fopenmp", "-std=c++17", "-Wall", "-Wno-unknown-pragmas"]
+    cxx += ["-fopenmp", "-Wall", "-Wno-unknown-pragmas"]  # the C++ standard: torch's choice
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     kwargs = dict(

@@ -1,7 +1,8 @@
 // Schemas of every megan_fast op, defined once.  Device kernels register
 // themselves beside their code: csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(..., CPU))
 // and, from Python, the Triton kernels for CUDA (megan_fast/triton/).
-// Fake (meta) kernels and autograd formulas live in megan_fast/ops/*.py.
+// Fake (meta) kernels and autograd formulas are registered in Python by
+// megan_fast/ops/ (import megan_fast before using torch.ops.megan_fast.*).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -16,9 +17,6 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(megan_fast, m) {
-  // Fake kernels and autograd are registered in Python; torch imports this
-  // module when it needs them for an op called straight from torch.ops.
-  m.set_python_module("megan_fast.ops");
   // Modulated deformable convolution (DCNv2), torchvision's layout and numerics.
   // mask None means all ones.  groups = input.size(1) / weight.size(1);
   // offset groups = offset.size(1) / (2 * kh * kw).

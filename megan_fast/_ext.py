@@ -7,6 +7,8 @@ falls back to the other backends.  ``megan-fast info`` reports why.
 
 from __future__ import annotations
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:
     from megan_fast import _C  # noqa: F401  (import registers the ops)
 
