@@ -413,13 +413,13 @@ NLA_INLINE void forward_range_impl(const FwdArgs<T>& a, int64_t begin, int64_t e
     T* L = a.lse + bi * n + i0;
     for (int64_t i = 0; i < bq; ++i) {
       const T l = lrow[i];
-      if (l > T(0)) {
+      if (l == T(0)) {  // every logit -inf
+        for (int64_t c = 0; c < dv; ++c) O[i * dv + c] = T(0);
+        L[i] = kNegInf;
+      } else {  // (NaN logits give l = NaN and propagate)
         const T inv = T(1) / l;
         for (int64_t c = 0; c < dv; ++c) O[i * dv + c] = OT[c * ld + i] * inv;
         L[i] = mrow[i] + std::log(l);
-      } else {  // every logit -inf
-        for (int64_t c = 0; c < dv; ++c) O[i * dv + c] = T(0);
-        L[i] = kNegInf;
       }
     }
   }
