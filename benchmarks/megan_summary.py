@@ -1,0 +1,72 @@
+"""Whole-model CPU figures in one run: inference and a training step, auto vs stock; FLOPs.
+
+    python benchmarks/megan_summary.py [--repeats N]
+
+Inference: one 4-frame window at 64x112 input (7 output frames of 256x448).
+Training: batch 2 of 32x32 LR crops, forward + backward of the Charbonnier loss.
+FLOPs per output frame at 180x144 input, counted by FlopCounterMode on meta
+tensors (the fused ops register their formulas).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from megan_fast import benchmarking
+from megan_fast.models import MEGAN
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def flops_per_output_frame(h: int = 144, w: int = 180) -> float:
+    with torch.device("meta"):
+        model = MEGAN().eval()
+    x = torch.rand(1, 4, 3, h, w, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 7
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = MEGAN()
+    print(f"threads: {torch.get_num_threads()}; median of {args.repeats} after one warm-up call")
+    print("| workload | auto (s) | stock (s) | speed-up |\n|---|---|---|---|")
+    x = torch.rand(1, 4, 3, 64, 112)
+    model.eval()
+    res = {}
+    for backend in ("auto", "stock"):
+        step = benchmarking.model_step(model, backend, x, train=False)
+        step()
+        res[backend] = timed(step, args.repeats)
+    print(f"| inference, 64x112 -> 7 x 256x448 | {res['auto']:.2f} ({7 / res['auto']:.2f} frames/s) | "
+          f"{res['stock']:.2f} ({7 / res['stock']:.2f} frames/s) | {res['stock'] / res['auto']:.2f}x |")
+    model.train()
+    xb, target = torch.rand(2, 4, 3, 32, 32), torch.rand(2, 7, 3, 128, 128)
+    for backend in ("auto", "stock"):
+        step = benchmarking.model_step(model, backend, xb, train=True, target=target)
+        torch.manual_seed(0)
+        step()
+        res[backend] = timed(lambda: (torch.manual_seed(0), step()), args.repeats)
+    print(f"| training step, b=2, 32x32 | {res['auto']:.2f} | {res['stock']:.2f} | {res['stock'] / res['auto']:.2f}x |")
+    print(f"\nFLOPs per output frame at 180x144 input: {flops_per_output_frame() / 1e9:.1f} GFLOP")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
