@@ -919,7 +919,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_aggregate_backw
       for (int64_t i = 0; i < wlen; ++i) ws[i] += chunk_sums[ch * wlen + i];
   });
   const at::Tensor gw = wsum.to(nodes.scalar_type());
-  at::Tensor grad_w1 = gw.narrow(0, 0, Hp * Cp).view({Hp, Cp}).narrow(0, 0, hd).narrow(1, 0, C).contiguous();
+  at::Tensor grad_w1 = gw.narrow(0, 0, Hp * Cp).view({Hp, Cp}).narrow(0, 0, hd).narrow(1, 0, C).clone();
   at::Tensor grad_b1 = gw.narrow(0, Hp * Cp, hd).clone();  // clone: outputs must not alias one buffer
   at::Tensor grad_w2 = gw.narrow(0, Hp * Cp + Hp, hd).clone();
   return {grad_nodes, grad_w1, grad_b1, grad_w2};
