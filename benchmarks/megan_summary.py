@@ -42,6 +42,7 @@ def flops_per_output_frame(h: int = 144, w: int = 180) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", choices=("inference", "training", "flops"), default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = MEGAN()
@@ -50,21 +51,26 @@ def main() -> int:
     x = torch.rand(1, 4, 3, 64, 112)
     model.eval()
     res = {}
-    for backend in ("auto", "stock"):
+    for backend in ("auto", "stock") if args.only in (None, "inference") else ():
         step = benchmarking.model_step(model, backend, x, train=False)
         step()
         res[backend] = timed(step, args.repeats)
-    print(f"| inference, 64x112 -> 7 x 256x448 | {res['auto']:.2f} ({7 / res['auto']:.2f} frames/s) | "
-          f"{res['stock']:.2f} ({7 / res['stock']:.2f} frames/s) | {res['stock'] / res['auto']:.2f}x |")
+    if res:
+        print(f"| inference, 64x112 -> 7 x 256x448 | {res['auto']:.2f} ({7 / res['auto']:.2f} frames/s) | "
+              f"{res['stock']:.2f} ({7 / res['stock']:.2f} frames/s) | {res['stock'] / res['auto']:.2f}x |")
     model.train()
     xb, target = torch.rand(2, 4, 3, 32, 32), torch.rand(2, 7, 3, 128, 128)
-    for backend in ("auto", "stock"):
+    res = {}
+    for backend in ("auto", "stock") if args.only in (None, "training") else ():
         step = benchmarking.model_step(model, backend, xb, train=True, target=target)
         torch.manual_seed(0)
         step()
         res[backend] = timed(lambda: (torch.manual_seed(0), step()), args.repeats)
-    print(f"| training step, b=2, 32x32 | {res['auto']:.2f} | {res['stock']:.2f} | {res['stock'] / res['auto']:.2f}x |")
-    print(f"\nFLOPs per output frame at 180x144 input: {flops_per_output_frame() / 1e9:.1f} GFLOP")
+    if res:
+        print(f"| training step, b=2, 32x32 | {res['auto']:.2f} | {res['stock']:.2f} | "
+              f"{res['stock'] / res['auto']:.2f}x |")
+    if args.only in (None, "flops"):
+        print(f"\nFLOPs per output frame at 180x144 input: {flops_per_output_frame() / 1e9:.1f} GFLOP")
     return 0
 
 
