@@ -124,10 +124,11 @@ def test_gradcheck_native():
 
 @needs_native
 @pytest.mark.parametrize("return_adjacency", [True, False])
-def test_opcheck_native(return_adjacency):
-    nodes, w1, b1, w2 = (t.requires_grad_(True) for t in problem(b=1, p=3, c=3, hd=4, h=2, w=3))
+@pytest.mark.parametrize("c,hd", [(3, 4), (64, 16)])  # padded sizes, and MEGAN's (no padding: no aliasing)
+def test_opcheck_native(return_adjacency, c, hd):
+    nodes, w1, b1, w2 = (t.requires_grad_(True) for t in problem(b=1, p=3, c=c, hd=hd, h=2, w=3))
     torch.library.opcheck(torch.ops.megan_fast.graph_aggregate.default, (nodes, w1, b1, w2, 0.2, return_adjacency))
-    g = torch.randn(1, 3, 3, 2, 3, dtype=torch.float64)
+    g = torch.randn(1, 3, c, 2, 3, dtype=torch.float64)
     args = (g, nodes.detach(), w1.detach(), b1.detach(), w2.detach(), 0.2)
     torch.library.opcheck(torch.ops.megan_fast.graph_aggregate_backward.default, args)
 
