@@ -6,11 +6,9 @@ import pytest
 import torch
 
 import megan_fast
-from megan_fast.ops import _backend, nonlocal_attention, use_backend
+from megan_fast.ops import _backend, _library, nonlocal_attention, use_backend
 
-HAS_NATIVE = megan_fast.ops.nonlocal_attention.__module__ and megan_fast.ops._library._has_cpu_kernel(
-    "megan_fast::nonlocal_attention"
-) if megan_fast._ext.NATIVE_AVAILABLE else False
+HAS_NATIVE = megan_fast._ext.NATIVE_AVAILABLE and _library._has_cpu_kernel("megan_fast::nonlocal_attention")
 needs_native = pytest.mark.skipif(not HAS_NATIVE, reason="C++ extension not built (or built without this op)")
 BACKENDS = [pytest.param("native", marks=needs_native), "reference", "stock"]
 
