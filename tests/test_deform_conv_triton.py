@@ -66,6 +66,14 @@ def make_problem(
 
 def torchvision_result(pr, grad_output=None, seed=1):
     """torchvision's output and (input, offset, weight, mask) gradients for a random grad_output."""
+    device = pr["input"].device
+    if device.type == "cuda" and not bool((pr["offset"].abs() < 1e4).all()):
+        # torchvision's CUDA kernels read out of bounds for huge / infinite offsets (an illegal
+        # memory access that poisons the CUDA context): take its CPU result for those.
+        cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in pr.items()}
+        go = None if grad_output is None else grad_output.cpu()
+        out, go, grads = torchvision_result(cpu, go, seed)
+        return out.to(device), go.to(device), {k: v.to(device) for k, v in grads.items()}
     leaves = {k: pr[k].detach().clone().requires_grad_(True) for k in ("input", "offset", "weight", "mask")
               if pr[k] is not None}
     out = torchvision.ops.deform_conv2d(
@@ -319,7 +327,7 @@ def test_fp32_cuda_gpu_sized():
 @pytest.mark.parametrize("case", [
     dict(b=2, c_in=64, c_out=64, h=24, w=20, og=8),
     dict(b=1, c_in=32, c_out=48, h=16, w=16, og=1, groups=2, stride=(2, 2)),
-    dict(b=2, c_in=6, c_out=5, h=9, w=11, og=2, groups=2, with_mask=False),
+    dict(b=2, c_in=6, c_out=4, h=9, w=11, og=2, groups=2, with_mask=False),
 ])
 def test_fp16_cuda_within_2x_torchvision_error(case):
     pr16 = make_problem(**case, dtype=torch.float16, offset_scale=3.0)
@@ -339,7 +347,7 @@ def test_fp16_cuda_within_2x_torchvision_error(case):
 @cuda_only
 @pytest.mark.parametrize("case", [
     dict(b=2, c_in=64, c_out=64, h=24, w=20, og=8),
-    dict(b=2, c_in=6, c_out=5, h=9, w=11, og=2, groups=2, with_mask=False),
+    dict(b=2, c_in=6, c_out=4, h=9, w=11, og=2, groups=2, with_mask=False),
 ])
 def test_bf16_cuda_close_to_fp32(case):
     # torchvision has no bf16 kernels: compare with its fp32 result on the same (bf16-rounded) data.

@@ -167,3 +167,35 @@ def test_errors_name_the_argument():
             nonlocal_attention(*args)
     with pytest.raises(TypeError, match="scale must be a Python float"):
         nonlocal_attention(q, k, v, torch.tensor(1.0))
+
+
+def test_cuda_auto_rule(monkeypatch):
+    # auto on CUDA (measured on an H100): Triton for large forward-only fp16/bf16 problems, SDPA otherwise.
+    import importlib
+
+    mod = importlib.import_module("megan_fast.ops.nonlocal_attention")
+    calls = []
+    monkeypatch.setattr(mod, "_triton", lambda *a: calls.append("triton"))
+    monkeypatch.setattr(mod, "_stock", lambda *a: calls.append("stock"))
+    big = 1 << 11  # n * m = 2^22
+    for n, dtype, grad, want in [(big, torch.bfloat16, False, "triton"), (big, torch.float16, False, "triton"),
+                                 (big, torch.bfloat16, True, "stock"), (big, torch.float32, False, "stock"),
+                                 (big // 2, torch.bfloat16, False, "stock")]:
+        q = torch.empty(1, n, 4, dtype=dtype, device="meta", requires_grad=grad)
+        calls.clear()
+        mod._cuda_auto(q, q, q, 1.0)
+        assert calls == [want], (n, dtype, grad)
+    with torch.no_grad():
+        calls.clear()
+        q = torch.empty(1, big, 4, dtype=torch.bfloat16, device="meta", requires_grad=True)
+        mod._cuda_auto(q, q, q, 1.0)
+        assert calls == ["triton"]
+
+
+def test_stock_makes_transposed_views_contiguous_for_sdpa():
+    import importlib
+
+    mod = importlib.import_module("megan_fast.ops.nonlocal_attention")
+    q, k, v = (torch.randn(2, 6, 20, dtype=torch.float64).transpose(1, 2) for _ in range(3))
+    assert q.stride(-1) != 1
+    torch.testing.assert_close(mod._stock(q, k, v, 1.0), torch.softmax(q @ k.transpose(1, 2), -1) @ v)

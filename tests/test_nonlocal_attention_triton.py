@@ -61,8 +61,19 @@ def expected(q, k, v, scale, grad_out):
     return (out.detach(), lse.detach(), *grads)
 
 
+def forward_or_skip(q, k, v, scale):
+    """The Triton forward; on a GPU whose Triton has no float64 tl.dot, skips (documented TypeError)."""
+    if q.is_cuda and q.dtype == torch.float64:
+        try:
+            return tna.nonlocal_attention_forward(q, k, v, scale)
+        except TypeError as exc:
+            assert "float64" in str(exc)
+            pytest.skip("float64 tl.dot is not supported by this Triton / GPU (the CPU backends cover float64)")
+    return tna.nonlocal_attention_forward(q, k, v, scale)
+
+
 def triton_all(q, k, v, scale, grad_out):
-    out, lse = tna.nonlocal_attention_forward(q, k, v, scale)
+    out, lse = forward_or_skip(q, k, v, scale)
     grads = tna.nonlocal_attention_backward(grad_out, q, k, v, out, lse, scale)
     return (out, lse, *grads)
 
@@ -216,7 +227,7 @@ def test_no_queries():
 def test_no_keys(dtype):
     # Rows without keys: an empty sum, out = 0, lse = -inf, no NaN anywhere.
     q, k, v = problem(b=2, n=19, m=0, d=3, dv=5, dtype=dtype)
-    out, lse = tna.nonlocal_attention_forward(q, k, v, 1.0)
+    out, lse = forward_or_skip(q, k, v, 1.0)
     assert out.shape == (2, 19, 5) and torch.equal(out, torch.zeros_like(out))
     assert lse.shape == (2, 19) and bool((lse == -math.inf).all())
     g = torch.randn_like(out)

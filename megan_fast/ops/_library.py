@@ -112,7 +112,8 @@ def auto_choice(native_op: str | None, triton_error: str | None, cpu: str = "nat
 
     if cpu == "native" and native_op is None:
         cpu = "reference"
-    if cuda == "triton" and (triton_error is not None or _backend.triton_status("cuda") is not None):
+    if cuda in ("triton", "triton_or_stock") and (
+            triton_error is not None or _backend.triton_status("cuda") is not None):
         cuda = "stock"
     return {"cpu": cpu, "cuda": cuda}
 

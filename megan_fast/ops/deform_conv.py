@@ -183,6 +183,15 @@ def _stock(input, offset, weight, bias, stride, padding, dilation, mask):
     return torchvision.ops.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
 
 
+def _cuda_auto(input, offset, weight, bias, stride, padding, dilation, mask):
+    # Measured on an H100 (docs/PERFORMANCE.md): torchvision's CUDA kernels are faster
+    # than ours at MEGAN's training shape and in the forward pass; it has no bfloat16
+    # kernels (its autocast runs them in float32), so bfloat16 runs ours.
+    if input.dtype == torch.bfloat16:
+        return _triton(input, offset, weight, bias, stride, padding, dilation, mask)
+    return _stock(input, offset, weight, bias, stride, padding, dilation, mask)
+
+
 _backend.register_op(
     OP,
     {
@@ -190,10 +199,11 @@ _backend.register_op(
         "triton": _triton,
         "reference": modulated_deform_conv2d_reference,
         "stock": _stock,
+        "triton_or_stock": _cuda_auto,
     },
     _library.availability(_NATIVE_OP, _TRITON_ERROR),
     # Measured: docs/PERFORMANCE.md.
-    _library.auto_choice(_NATIVE_OP, _TRITON_ERROR, cpu="native", cuda="triton"),
+    _library.auto_choice(_NATIVE_OP, _TRITON_ERROR, cpu="native", cuda="triton_or_stock"),
 )
 
 

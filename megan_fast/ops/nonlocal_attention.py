@@ -114,17 +114,36 @@ def _triton(q, k, v, scale):
 
 
 def _stock(q, k, v, scale):
-    # (b, 1, n, d): one head, so torch picks its flash / memory-efficient kernels.
+    # (b, 1, n, d): one head.  SDPA's flash / memory-efficient kernels need a unit
+    # stride in the last dim (otherwise it falls back to the n x m math path):
+    # transposed views such as a non-local block's are copied first.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale).squeeze(1)
+
+
+# Forward-only problems at least this large (n * m) run the Triton kernel under
+# ``auto`` on CUDA; smaller ones and anything needing gradients run SDPA.
+CUDA_TRITON_MIN_NM = 1 << 22
+
+
+def _cuda_auto(q, k, v, scale):
+    # Measured on an H100 (docs/PERFORMANCE.md): the Triton forward is 1.09-1.10x SDPA's flash
+    # kernel from n = m = 7,168 up (fp16/bf16) but 3.5x slower at 1,024, and SDPA's backward
+    # is faster at every size measured.
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not needs_grad and q.shape[1] * k.shape[1] >= CUDA_TRITON_MIN_NM and q.dtype != torch.float32:
+        return _triton(q, k, v, scale)
+    return _stock(q, k, v, scale)
 
 
 _backend.register_op(
     OP,
-    {"native": _native, "triton": _triton, "reference": nonlocal_attention_reference, "stock": _stock},
+    {"native": _native, "triton": _triton, "reference": nonlocal_attention_reference, "stock": _stock,
+     "triton_or_stock": _cuda_auto},
     _library.availability(_NATIVE_OP, _TRITON_ERROR),
-    # Measured: docs/PERFORMANCE.md.  On CUDA, SDPA until our Triton kernel is
-    # measured faster on a GPU.
-    _library.auto_choice(_NATIVE_OP, _TRITON_ERROR, cpu="native", cuda="stock"),
+    # Measured: docs/PERFORMANCE.md.  On CUDA: the Triton kernel for large
+    # forward-only fp16/bf16 problems, SDPA otherwise (_cuda_auto).
+    _library.auto_choice(_NATIVE_OP, _TRITON_ERROR, cpu="native", cuda="triton_or_stock"),
 )
 
 
