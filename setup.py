@@ -64,6 +64,8 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megan_fast", "megan_fast.*"]),
+    # The demo checkpoint (configs/megan_demo.yaml): megan-fast demo / upscale use it by default.
+    package_data={"megan_fast": ["checkpoints/demo/config.json", "checkpoints/demo/model.safetensors"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "torchvision", "numpy", "safetensors", "pillow", "pyyaml", "tqdm", "av"],
     extras_require={

@@ -71,11 +71,48 @@ def _merge(base: dict, override: dict, path: str = "") -> dict:
         where = f"{path}{key}"
         if key not in base:
             raise ConfigError(f"unknown config entry {where!r}; known entries here: {', '.join(sorted(base))}")
-        if isinstance(base[key], dict) and isinstance(value, dict) and key != "model":
+        if where in ("data.train", "data.val") and isinstance(value, dict):
+            out[key] = _data_spec(value, where, base[key] or {})
+        elif isinstance(base[key], dict) and isinstance(value, dict) and key != "model":
             out[key] = _merge(base[key], value, where + ".")
         else:
             out[key] = value
     return out
+
+
+_DATA_DEFAULTS = {"vimeo90k": {"root": None, "lq_root": None, "crop": 32, "augment": True},
+                  "folder": {"root": None, "lq_root": None, "crop": 32, "augment": True}}
+
+
+def _dataset_class(kind: str):
+    from megan_fast import data
+
+    if kind == "vimeo90k":
+        return data.Vimeo90KSeptuplet
+    if kind == "folder":
+        return data.VideoFolderClips
+    if kind == "photos":
+        from megan_fast.data.synthetic import PhotoClips
+
+        return PhotoClips
+    raise ConfigError(f"data type must be 'vimeo90k', 'folder' or 'photos', got {kind!r}")
+
+
+def _data_spec(value: dict, where: str, base: dict) -> dict:
+    """A data.train / data.val entry: its type's defaults filled in, unknown entries refused."""
+    import inspect
+
+    kind = value.get("type", "vimeo90k")
+    cls = _dataset_class(kind)
+    spec = {**_DATA_DEFAULTS.get(kind, {}), **value} if where == "data.train" else dict(value)
+    known = set(inspect.signature(cls).parameters) - {"seed", "gt_root"} | {"type", "root"}
+    if kind == "photos":
+        known -= {"root"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ConfigError(f"unknown config entry {where}.{unknown[0]!r} for data type {kind!r}; "
+                          f"known entries: {', '.join(sorted(known))}")
+    return spec
 
 
 def load_config(path: str) -> dict:
@@ -99,7 +136,7 @@ def load_config(path: str) -> dict:
         raise ConfigError(f"optim.autocast must be none, bfloat16 or float16, got {optim['autocast']!r}")
     if not 0 <= optim["ema_decay"] < 1:
         raise ConfigError(f"optim.ema_decay must be in [0, 1), got {optim['ema_decay']!r}")
-    if cfg["data"]["train"].get("root") is None:
+    if cfg["data"]["train"].get("type", "vimeo90k") != "photos" and cfg["data"]["train"].get("root") is None:
         raise ConfigError("data.train.root must be set to the training data folder")
     if int(cfg["data"]["batch_size"]) < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg['data']['batch_size']!r}")
@@ -119,18 +156,20 @@ def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> 
 
 
 def build_dataset(spec: dict, seed: int, train: bool):
-    from megan_fast import data
-
     spec = dict(spec)
     kind = spec.pop("type", "vimeo90k")
-    root = spec.pop("root")
-    if kind == "vimeo90k":
-        return data.Vimeo90KSeptuplet(root, **spec, **({"seed": seed} if train else {}))
-    if kind == "folder":
+    cls = _dataset_class(kind)
+    if kind == "photos":
+        spec.pop("root", None)
         if not train:
-            spec.setdefault("mode", "eval")  # whole frames, the protocol's windows
-        return data.VideoFolderClips(root, **spec, **({"seed": seed} if train else {}))
-    raise ConfigError(f"data type must be 'vimeo90k' or 'folder', got {kind!r}")
+            raise ConfigError("data type 'photos' is for training; validate on written clips (type 'folder')")
+        return cls(**spec, seed=seed)
+    root = spec.pop("root", None)
+    if root is None:
+        raise ConfigError(f"data type {kind!r} needs a root folder")
+    if kind == "folder" and not train:
+        spec.setdefault("mode", "eval")  # whole frames, the protocol's windows
+    return cls(root, **spec, **({"seed": seed} if train else {}))
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -209,6 +248,8 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
+        if dev.index is None:  # "cuda": this process's GPU
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
 
     seed = int(cfg["seed"])

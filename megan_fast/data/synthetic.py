@@ -30,7 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PHOTOS", "available_photos", "load_photo", "make_clip", "write_clip_folder", "write_vimeo_layout"]
+__all__ = [
+    "PHOTOS",
+    "PhotoClips",
+    "available_photos",
+    "load_photo",
+    "make_clip",
+    "write_clip_folder",
+    "write_photo_clips",
+    "write_vimeo_layout",
+]
 
 # name -> (bundled file in skimage/data, licence as documented by scikit-image)
 PHOTOS: dict[str, tuple[str, str]] = {
@@ -70,7 +79,7 @@ def load_photo(name: str) -> Tensor:
     return _load_photo_cached(name).clone()
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)
 def _load_photo_cached(name: str) -> Tensor:
     if name not in PHOTOS:
         raise ValueError(f"unknown photo {name!r}; choose one of {', '.join(PHOTOS)}")
@@ -274,3 +283,168 @@ def write_vimeo_layout(
     for fname, names in lists.items():
         _write_text(os.path.join(root, fname), list(names))
     return keys
+
+
+# --------------------------------------------------------------------------- training and held-out clips
+
+
+def _check_photos(photos: Sequence[str], who: str) -> list[str]:
+    if isinstance(photos, str) or not photos:
+        raise ValueError(f"{who}: photos must be a non-empty list of photo names, got {photos!r}")
+    photos = list(photos)
+    bundled = set(available_photos())
+    missing = [p for p in photos if p not in bundled]
+    if missing:
+        raise ValueError(f"{who}: photos {missing} are unknown or not bundled with this scikit-image; "
+                         f"available: {', '.join(sorted(bundled))}")
+    return photos
+
+
+def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=g, dtype=torch.float64))
+
+
+class PhotoClips(torch.utils.data.Dataset):
+    """Septuplets rendered on the fly: random sub-pixel pans and zooms over bundled photos.
+
+    Each item is a 7-frame GT clip of ``crop * scale`` pixels square made by
+    :func:`make_clip` (rounded to 8-bit levels, as if read from PNG) and its
+    4 LR frames (MATLAB-bicubic downscaling of GT frames 0, 2, 4, 6, as the
+    Vimeo-90K pipeline makes them).  Photo, motion, speed, direction and
+    view scale are drawn from a generator seeded by (seed, epoch, index), so
+    an epoch's items are reproducible in any order and on any worker.
+
+    Args:
+        photos: names from :func:`available_photos` to draw from.
+        length: items per epoch.
+        crop: LR size (GT is ``crop * scale``).
+        scale: GT size / LR size.
+        seed: base seed.
+        pan_speed: (min, max) pan speed in GT pixels per GT frame.
+        zoom_speed: (min, max) zoom factor change per frame (negative: out).
+        zoom_prob: probability of a zoom instead of a pan.
+        view_scale: (min, max) photo pixels per GT pixel.
+        augment: random flips, transposition and temporal reversal.
+        quantize_lq: round LR frames to 8-bit levels.
+    """
+
+    def __init__(
+        self,
+        photos: Sequence[str],
+        length: int = 1000,
+        crop: int = 32,
+        scale: int = 4,
+        seed: int = 0,
+        pan_speed: Sequence[float] = (0.0, 3.0),
+        zoom_speed: Sequence[float] = (-0.02, 0.02),
+        zoom_prob: float = 0.25,
+        view_scale: Sequence[float] = (1.0, 2.5),
+        augment: bool = True,
+        quantize_lq: bool = True,
+    ) -> None:
+        from megan_fast.data.datasets import _check_common
+
+        self.photos = _check_photos(photos, "PhotoClips")
+        _check_common(scale, crop, seed)
+        if not isinstance(length, int) or length < 1:
+            raise ValueError(f"PhotoClips: length must be a positive integer, got {length!r}")
+        for name, pair in (("pan_speed", pan_speed), ("zoom_speed", zoom_speed), ("view_scale", view_scale)):
+            if len(pair) != 2 or pair[0] > pair[1]:
+                raise ValueError(f"PhotoClips: {name} must be a (min, max) pair, got {pair!r}")
+        if min(view_scale) <= 0 or min(zoom_speed) <= -1:
+            raise ValueError("PhotoClips: view_scale must be positive and zoom_speed > -1")
+        if not 0 <= zoom_prob <= 1:
+            raise ValueError(f"PhotoClips: zoom_prob must be in [0, 1], got {zoom_prob!r}")
+        self.length, self.crop, self.scale, self.seed = length, crop, scale, seed
+        self.pan_speed, self.zoom_speed = tuple(map(float, pan_speed)), tuple(map(float, zoom_speed))
+        self.zoom_prob, self.view_scale = float(zoom_prob), tuple(map(float, view_scale))
+        self.augment, self.quantize_lq = augment, quantize_lq
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        from megan_fast.data.datasets import _augment, _item_generator, _make_lq
+
+        if not -self.length <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} items")
+        index %= self.length
+        g = _item_generator(self.seed, self.epoch, index)
+        photo = self.photos[int(torch.randint(len(self.photos), (1,), generator=g))]
+        zoom = float(torch.rand((), generator=g)) < self.zoom_prob
+        speed = _uniform(g, *(self.zoom_speed if zoom else self.pan_speed))
+        view = _uniform(g, *self.view_scale)
+        clip_seed = int(torch.randint(2**31 - 1, (1,), generator=g))
+        size = self.crop * self.scale
+        gt = make_clip(photo, 7, (size, size), "zoom" if zoom else "pan", speed, clip_seed, view_scale=view)
+        gt = gt.mul_(255).round_().div_(255)
+        lq = _make_lq(gt[0::2], self.scale, self.quantize_lq)
+        if self.augment:
+            flags = (torch.rand(4, generator=g) < 0.5).tolist()
+            lq, gt = _augment(lq, gt, flags, transpose_ok=True)
+        key = f"{photo}/{self.epoch}/{index}"
+        return {"lq": lq.contiguous(), "gt": gt.contiguous(), "key": key}
+
+
+def write_photo_clips(
+    root: str,
+    photos: Sequence[str],
+    clips_per_photo: int = 2,
+    num_frames: int = 13,
+    size: tuple[int, int] = (144, 176),
+    seed: int = 0,
+) -> list[str]:
+    """Writes held-out evaluation clips, one folder of PNG frames each: ``root/<photo>_<i>/00000.png``.
+
+    Clip i of a photo alternates pan (even i, 1.5 px/frame) and zoom (odd i,
+    1.5% per frame); start point and direction come from ``seed``.  The
+    folder layout is what ``megan-fast eval --data root`` reads.
+
+    Returns:
+        The clip folder names.
+    """
+    photos = _check_photos(photos, "write_photo_clips")
+    if clips_per_photo < 1 or num_frames < 1:
+        raise ValueError("write_photo_clips: clips_per_photo and num_frames must be >= 1")
+    names = []
+    for pi, photo in enumerate(photos):
+        for i in range(clips_per_photo):
+            motion, speed = ("pan", 1.5) if i % 2 == 0 else ("zoom", 0.015)
+            clip = make_clip(photo, num_frames, size, motion, speed, seed=seed * 1000 + pi * 100 + i,
+                             view_scale=1.5)
+            name = f"{photo}_{i}"
+            write_clip_folder(clip, os.path.join(root, name))
+            names.append(name)
+    return names
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m megan_fast.data.synthetic OUT --photos chelsea coffee``: writes held-out clips."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m megan_fast.data.synthetic",
+                                     description="Write real-texture evaluation clips (folders of PNG frames).")
+    parser.add_argument("out", help="output folder (created)")
+    parser.add_argument("--photos", nargs="+", required=True, help=f"photo names ({', '.join(PHOTOS)})")
+    parser.add_argument("--clips-per-photo", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=13)
+    parser.add_argument("--size", default="144x176", help="GT frame size HxW (multiples of 4)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        h, w = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        parser.error(f"--size must look like 144x176, got {args.size!r}")
+    if h % 4 or w % 4:
+        parser.error(f"--size must be multiples of 4, got {args.size}")
+    names = write_photo_clips(args.out, args.photos, args.clips_per_photo, args.frames, (h, w), args.seed)
+    print(f"wrote {len(names)} clips to {args.out}: {', '.join(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
