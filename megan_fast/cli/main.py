@@ -1,4 +1,4 @@
-"""``megan-fast`` console script: ``info``, ``bench``, ``train``, ``eval``, ``upscale``."""
+"""``megan-fast`` console script: ``info``, ``bench``, ``demo``, ``train``, ``eval``, ``upscale``."""
 
 from __future__ import annotations
 
@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per measurement")
     p.set_defaults(func=_cmd_bench)
-    from megan_fast.cli import train_eval, upscale
+    from megan_fast.cli import demo, train_eval, upscale
 
+    demo.add_parser(sub)
     train_eval.add_parsers(sub)
     upscale.add_parser(sub)
     return parser

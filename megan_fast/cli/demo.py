@@ -1,0 +1,401 @@
+"""``megan-fast demo``: MEGAN against the bicubic baseline on a real-texture clip, with pictures and timings.
+
+The clip is a virtual camera moving over one of scikit-image's bundled photos
+(:func:`megan_fast.data.synthetic.make_clip`), by default "chelsea", which the
+training configs hold out.  The ground truth (GT) is rounded to 8-bit levels,
+as if read from PNG files; the low-resolution, low-frame-rate input is made
+exactly as the training data makes it: GT frames 0, 2, 4, ... downscaled x4
+with MATLAB's bicubic ``imresize``, clamped and rounded to 8-bit levels.
+
+Outputs (in ``--output``, each written to a temporary file and renamed):
+``side_by_side.mp4`` (panels LR | bicubic | MEGAN | GT per output frame, at
+twice the input frame rate), ``strip.png`` (one re-made input frame and one
+interpolated frame, same panels), ``metrics.json`` (Y-PSNR / Y-SSIM, timings)
+and ``frames/megan_NNN.png`` (MEGAN's output frames).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fractions
+import os
+import re
+import sys
+import tempfile
+import time
+
+from megan_fast.cli.upscale import DEMO_CHECKPOINT
+
+VIDEO_NAME = "side_by_side.mp4"
+STRIP_NAME = "strip.png"
+METRICS_NAME = "metrics.json"
+FRAMES_DIR = "frames"
+_TMP_PREFIX = ".megan-fast-"
+_FRAME_RE = re.compile(r"megan_\d{3,}\.png")
+GAP = 4  # pixels between panels (even, so that H.264's 4:2:0 frame size stays even)
+PANELS = ("LR (nearest x4)", "bicubic", "MEGAN", "ground truth")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run MEGAN on a short real-texture clip and compare it with bicubic upscaling",
+        description="Renders a short clip over a photo bundled with scikit-image, downscales it x4 and "
+        "drops every other frame (as the training data is made), runs MEGAN on it, scores MEGAN and the "
+        "bicubic + frame-blending baseline (Y-PSNR / Y-SSIM), writes a side-by-side video, a still strip "
+        "and metrics.json into --output, and times one forward pass with the fused kernels against the "
+        "stock implementation (torchvision deform_conv2d, SDPA, plain graph aggregation).",
+    )
+    p.add_argument("--checkpoint", default=None, help="model folder (config.json + model.safetensors); "
+                   f"default: the bundled demo checkpoint ({DEMO_CHECKPOINT})")
+    p.add_argument("--output", default="megan_demo", help="output folder (default: megan_demo)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --output even if it holds files that are not the demo's (they are left alone)")
+    p.add_argument("--photo", default="chelsea", help="scikit-image photo to film (default: chelsea, held out "
+                   "from training); e.g. astronaut, coffee, rocket, motorcycle_left")
+    p.add_argument("--size", type=_parse_size, default=(128, 192), metavar="HxW",
+                   help="ground-truth frame size, multiples of 4 (default 128x192; LR 32x48)")
+    p.add_argument("--frames", type=int, default=7,
+                   help="ground-truth frames, odd (default 7: 4 LR inputs -> 7 outputs)")
+    p.add_argument("--motion", default="pan", choices=("pan", "zoom"), help="camera motion (default pan)")
+    p.add_argument("--speed", type=float, default=None,
+                   help="pan: GT pixels per GT frame (default 1.5); zoom: zoom factor - 1 per frame (default 0.02)")
+    p.add_argument("--seed", type=int, default=0, help="start point and direction of the motion (default 0)")
+    p.add_argument("--view-scale", type=float, default=1.0,
+                   help="photo pixels per GT pixel (default 1: the photo's own detail)")
+    p.add_argument("--fps", type=float, default=2.0,
+                   help="frame rate of the LR input; the video plays at twice this (default 2)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--no-bench", action="store_true", help="skip timing the fused kernels against stock")
+    p.add_argument("--bench-runs", type=int, default=3,
+                   help="timed forward passes per backend, after one warm-up (default 3; the median is reported)")
+    p.set_defaults(func=run)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 128x192, got {text!r}")
+    h, w = int(m.group(1)), int(m.group(2))
+    if h % 4 or w % 4 or h < 16 or w < 16:
+        raise argparse.ArgumentTypeError(f"H and W must be multiples of 4 and at least 16 (LR 4x4), got {h}x{w}")
+    return h, w
+
+
+def _fail(msg: str) -> int:
+    print(f"megan-fast demo: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _is_own(folder: str, name: str) -> bool:
+    """Whether ``folder/name`` is something this command writes (or a temporary file it left behind)."""
+    path = os.path.join(folder, name)
+    if name.startswith(_TMP_PREFIX):
+        return True
+    if name in (VIDEO_NAME, STRIP_NAME, METRICS_NAME):
+        return os.path.isfile(path)
+    if name == FRAMES_DIR and os.path.isdir(path):
+        return all(_FRAME_RE.fullmatch(n) or n.startswith(_TMP_PREFIX) for n in os.listdir(path))
+    return False
+
+
+def check_output(path: str, overwrite: bool) -> str | None:
+    """None if the demo may write into ``path``, else the reason it may not."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--output {path!r} is a file, not a folder; choose a folder path"
+    if os.path.isdir(path) and not overwrite:
+        foreign = sorted(n for n in os.listdir(path) if not _is_own(path, n))
+        if foreign:
+            shown = ", ".join(repr(n) for n in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            return (f"--output {path!r} holds files that are not the demo's ({shown}); choose another folder "
+                    "or pass --overwrite to write into it anyway (other files are left alone)")
+    return None
+
+
+def make_demo_clip(photo: str, frames: int, size: tuple[int, int], motion: str = "pan",
+                   speed: float | None = None, seed: int = 0, view_scale: float = 1.0):
+    """The demo's ground truth and low-resolution input.
+
+    Returns:
+        gt: (frames, 3, h, w) float32 on 8-bit levels (as read from PNG files).
+        lq: ((frames + 1) / 2, 3, h/4, w/4) float32: GT frames 0, 2, 4, ...,
+            MATLAB-bicubic x4 downscaled, clamped to [0, 1], rounded to 8-bit
+            levels, exactly as the training data sets make LR frames.
+    """
+    import torch
+
+    from megan_fast.data.imresize import imresize
+    from megan_fast.data.synthetic import make_clip
+
+    clip = make_clip(photo, frames, size, motion=motion, speed=speed, seed=seed, view_scale=view_scale)
+    gt = clip.clamp(0, 1).mul(255).round().to(torch.uint8).float().div_(255)
+    lq = imresize(gt[0::2], scale=0.25).clamp_(0, 1).mul_(255).round_().div_(255)
+    return gt, lq
+
+
+def score(pred, gt) -> dict:
+    """Y-PSNR / Y-SSIM (uint8-rounded, crop_border 0) of (T, 3, H, W) frames against GT, per frame group.
+
+    Returns:
+        {"inputs" | "interpolated" | "all": {"psnr_y", "ssim_y", "frames"},
+        "per_frame": {"psnr_y": [...], "ssim_y": [...]}}; averages are means
+        of the per-frame values (frames 0, 2, ... re-make inputs, 1, 3, ...
+        are interpolated).
+    """
+    from megan_fast.metrics import psnr_y, ssim_y
+
+    psnr = psnr_y(pred, gt).tolist()
+    ssim = ssim_y(pred, gt).tolist()
+    groups = {"inputs": range(0, len(psnr), 2), "interpolated": range(1, len(psnr), 2), "all": range(len(psnr))}
+    out: dict = {
+        name: {
+            "psnr_y": sum(psnr[i] for i in idx) / len(idx),
+            "ssim_y": sum(ssim[i] for i in idx) / len(idx),
+            "frames": len(idx),
+        }
+        for name, idx in groups.items()
+    }
+    out["per_frame"] = {"psnr_y": psnr, "ssim_y": ssim}
+    return out
+
+
+def _hcat(panels, gap: int):
+    """(3, H, W_i) panels side by side with ``gap`` white columns between them."""
+    import torch
+
+    sep = panels[0].new_ones(3, panels[0].shape[1], gap)
+    parts = []
+    for i, p in enumerate(panels):
+        parts += [sep, p] if i else [p]
+    return torch.cat(parts, -1)
+
+
+def panel_row(t: int, lq, bicubic, megan, gt, gap: int = GAP):
+    """Output frame ``t`` as [LR (nearest x4; for an interpolated frame the previous LR frame) | bicubic |
+    MEGAN | GT]: (3, H, 4W + 3 * gap)."""
+    lr = lq[t // 2].repeat_interleave(4, -2).repeat_interleave(4, -1)
+    return _hcat([lr, bicubic[t], megan[t], gt[t]], gap).clamp(0, 1)
+
+
+def _public_mode(path: str) -> None:
+    """Gives a file made by ``tempfile.mkstemp`` (mode 0600) the mode ``open()`` would (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _write_png(frame, path: str) -> None:
+    """(3, H, W) in [0, 1] -> 8-bit RGB PNG, via a temporary file renamed into place."""
+    from PIL import Image
+
+    from megan_fast.video import to_uint8
+
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(to_uint8(frame), mode="RGB").save(f, format="PNG")
+        _public_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_frames(frames, folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    names = {f"megan_{i:03d}.png" for i in range(frames.shape[0])}
+    for i, frame in enumerate(frames):
+        _write_png(frame, os.path.join(folder, f"megan_{i:03d}.png"))
+    for n in os.listdir(folder):  # frames of an earlier, longer run
+        if _FRAME_RE.fullmatch(n) and n not in names:
+            os.remove(os.path.join(folder, n))
+
+
+def _write_video(rows: list, path: str, fps: fractions.Fraction) -> None:
+    """(3, H, W) frames -> H.264 ``path`` via megan_fast.video's atomic writer; FFmpeg errors as OSError."""
+    import av
+
+    from megan_fast import video
+
+    try:
+        writer = video.VideoWriter(path, fps, rows[0].shape[-1], rows[0].shape[-2])
+    except av.error.FFmpegError as exc:
+        raise OSError(f"cannot open {path} for writing ({exc})") from exc
+    try:
+        for row in rows:
+            writer.write(row)
+        writer.commit()
+    except av.error.FFmpegError as exc:
+        writer.abort()
+        raise OSError(f"encoding {path} failed ({exc})") from exc
+    except BaseException:
+        writer.abort()
+        raise
+    _public_mode(path)
+
+
+def bench_forward(model, window, runs: int = 3) -> dict:
+    """Times one inference forward pass on ``window`` (1, n_in, 3, h, w) with backends "auto" and "stock".
+
+    One warm-up pass per backend, then ``runs`` timed passes, alternating
+    between the backends (so that load from other processes hits both alike).
+
+    Returns:
+        {"auto_s", "stock_s" (medians, seconds), "speedup" (stock / auto),
+        "runs", "auto_backends" ({op: backend that "auto" picks on this device})}.
+    """
+    import torch
+
+    from megan_fast.benchmarking import model_step
+    from megan_fast.ops import _backend, use_backend
+
+    cuda = window.device.type == "cuda"
+    steps = {b: model_step(model, b, window, train=False) for b in ("auto", "stock")}
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {b: [] for b in steps}
+    for _ in range(runs):
+        for b, step in steps.items():
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            times[b].append(time.perf_counter() - start)
+    med = {b: sorted(ts)[len(ts) // 2] for b, ts in times.items()}
+    with use_backend("auto"):
+        chosen = {r["op"]: r["backend"] for r in _backend.describe() if r["device"] == window.device.type}
+    return {"auto_s": med["auto"], "stock_s": med["stock"], "speedup": med["stock"] / med["auto"],
+            "runs": runs, "auto_backends": chosen}
+
+
+def format_table(scores: dict) -> str:
+    """The MEGAN vs bicubic table printed by the demo."""
+    m, b = scores["megan"], scores["bicubic"]
+    lines = [f"{'':<22}{'Y-PSNR (dB)':>20}{'Y-SSIM':>20}",
+             f"{'frames':<22}{'bicubic':>10}{'MEGAN':>10}{'bicubic':>10}{'MEGAN':>10}"]
+    for key, label in (("inputs", "re-made inputs"), ("interpolated", "interpolated"), ("all", "all")):
+        lines.append(f"{label + ' (' + str(m[key]['frames']) + ')':<22}{b[key]['psnr_y']:>10.2f}"
+                     f"{m[key]['psnr_y']:>10.2f}{b[key]['ssim_y']:>10.4f}{m[key]['ssim_y']:>10.4f}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    start_all = time.perf_counter()
+    out_dir = args.output
+    if args.frames < 3 or args.frames % 2 == 0:
+        return _fail(f"--frames must be odd and at least 3, got {args.frames}")
+    if not args.fps > 0:
+        return _fail(f"--fps must be positive, got {args.fps}")
+    if not args.view_scale > 0:
+        return _fail(f"--view-scale must be positive, got {args.view_scale}")
+    if args.bench_runs < 1:
+        return _fail(f"--bench-runs must be at least 1, got {args.bench_runs}")
+    reason = check_output(out_dir, args.overwrite)
+    if reason is not None:
+        return _fail(reason)
+    checkpoint = args.checkpoint or DEMO_CHECKPOINT
+    missing = [n for n in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(checkpoint, n))]
+    if missing:
+        what = "the bundled demo checkpoint" if args.checkpoint is None else "--checkpoint"
+        return _fail(f"{what} is missing: no {' or '.join(missing)} in {checkpoint!r}; pass --checkpoint DIR "
+                     "with a model folder (config.json + model.safetensors, as written by megan-fast train)")
+
+    import torch
+
+    from megan_fast.evaluation import bicubic_blend, write_json
+    from megan_fast.inference import upscale_frames
+    from megan_fast.models import MEGAN
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        return _fail(f"--device {args.device!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return _fail("--device cuda but no CUDA device is available")
+    if device.type == "cpu":
+        # Recurrent states of small models decay into denormal floats, which slow CPU arithmetic ~10x.
+        torch.set_flush_denormal(True)
+    try:
+        model = MEGAN.from_pretrained(checkpoint).to(device).eval()
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        return _fail(f"cannot load --checkpoint {checkpoint!r}: {exc}")
+    n_in = model.config.num_input_frames
+    if (args.frames + 1) // 2 < n_in:
+        return _fail(f"--frames {args.frames} gives {(args.frames + 1) // 2} LR frames; "
+                     f"the model needs at least {n_in} (--frames {2 * n_in - 1})")
+    h, w = args.size
+    try:
+        gt, lq = make_demo_clip(args.photo, args.frames, (h, w), args.motion, args.speed, args.seed, args.view_scale)
+    except ValueError as exc:
+        return _fail(f"--photo/--motion/--speed: {exc}")
+    params = sum(p.numel() for p in model.parameters())
+    print(f"clip: {args.photo!r}, {args.motion}, {args.frames} GT frames {h}x{w}; "
+          f"MEGAN input: {lq.shape[0]} LR frames {h // 4}x{w // 4}")
+    print(f"model: {checkpoint} ({params / 1e6:.2f} M parameters) on {device}")
+
+    t0 = time.perf_counter()
+    megan = upscale_frames(model, lq).float().clamp(0, 1)
+    upscale_s = time.perf_counter() - t0
+    bicubic = bicubic_blend(lq).clamp(0, 1)
+    scores = {"megan": score(megan, gt), "bicubic": score(bicubic, gt)}
+    print(f"MEGAN: {megan.shape[0]} frames {h}x{w} in {upscale_s:.2f} s")
+    print()
+    print(format_table(scores))
+    print()
+
+    os.makedirs(out_dir, exist_ok=True)
+    rows = [panel_row(t, lq, bicubic, megan, gt) for t in range(gt.shape[0])]
+    interp = gt.shape[0] // 2 if (gt.shape[0] // 2) % 2 else gt.shape[0] // 2 - 1  # middle interpolated frame
+    strip_frames = [interp - 1, interp]
+    strip = torch.cat([rows[strip_frames[0]], rows[0].new_ones(3, GAP, rows[0].shape[-1]), rows[strip_frames[1]]], -2)
+    fps = fractions.Fraction(args.fps).limit_denominator(1001)
+    try:
+        _write_video(rows, os.path.join(out_dir, VIDEO_NAME), fps * 2)
+        _write_png(strip, os.path.join(out_dir, STRIP_NAME))
+        _write_frames(megan, os.path.join(out_dir, FRAMES_DIR))
+    except OSError as exc:
+        return _fail(f"cannot write into --output {out_dir!r}: {exc}")
+
+    bench = None
+    if not args.no_bench:
+        print(f"timing one forward pass on the {n_in}-frame input window ({h // 4}x{w // 4}), "
+              f"backends auto and stock, {args.bench_runs} run(s) each after a warm-up ...")
+        bench = bench_forward(model, lq[:n_in].unsqueeze(0).to(device), args.bench_runs)
+        print(f"forward: fused (auto) {bench['auto_s'] * 1e3:.0f} ms, stock {bench['stock_s'] * 1e3:.0f} ms "
+              f"-> {bench['speedup']:.2f}x")
+
+    report = {
+        "clip": {"photo": args.photo, "motion": args.motion, "speed": args.speed, "seed": args.seed,
+                 "view_scale": args.view_scale, "gt_frames": gt.shape[0], "gt_size": [h, w],
+                 "lr_frames": lq.shape[0], "lr_size": [h // 4, w // 4], "fps_in": float(fps),
+                 "fps_out": float(fps * 2)},
+        "model": {"checkpoint": os.path.abspath(checkpoint), "parameters": params, "config": model.config_dict()},
+        "device": str(device),
+        "protocol": "Y channel (BT.601), frames rounded to uint8, crop_border 0, mean over frames; "
+                    "inputs = frames 0, 2, ...; interpolated = frames 1, 3, ...",
+        "metrics": scores,
+        "upscale_seconds": upscale_s,
+        "bench": bench,
+        "panels": list(PANELS),
+        "strip_frames": strip_frames,
+        "files": {"video": VIDEO_NAME, "strip": STRIP_NAME, "frames": FRAMES_DIR},
+    }
+    try:
+        write_json(report, os.path.join(out_dir, METRICS_NAME))
+    except OSError as exc:
+        return _fail(f"cannot write into --output {out_dir!r}: {exc}")
+
+    m, b = scores["megan"]["all"], scores["bicubic"]["all"]
+    print(f"done in {time.perf_counter() - start_all:.1f} s; wrote {os.path.join(out_dir, '')}:")
+    print(f"  {VIDEO_NAME}  panels {' | '.join(PANELS)}, {gt.shape[0]} frames at {float(fps * 2):.3g} fps")
+    print(f"  {STRIP_NAME}  rows: re-made input frame {strip_frames[0]}, interpolated frame {strip_frames[1]}")
+    print(f"  {METRICS_NAME}, {FRAMES_DIR}/ (MEGAN's output frames)")
+    summary = (f"MEGAN {m['psnr_y']:.2f} dB / {m['ssim_y']:.4f} vs bicubic {b['psnr_y']:.2f} dB / "
+               f"{b['ssim_y']:.4f} (Y-PSNR / Y-SSIM, all frames)")
+    if bench is not None:
+        summary += f"; fused kernels {bench['speedup']:.2f}x faster than stock"
+    print(summary)
+    return 0
