@@ -166,5 +166,6 @@ def describe() -> list[dict[str, str]]:
         for dt in DEVICE_TYPES:
             backend = backend_for(op, dt)
             reason = _REG.available[op].get((backend, dt))
-            rows.append({"op": op, "device": dt, "backend": backend, "status": "ok" if reason is None else reason})
+            shown = "triton or stock (per call, see docs/PERFORMANCE.md)" if backend == "triton_or_stock" else backend
+            rows.append({"op": op, "device": dt, "backend": shown, "status": "ok" if reason is None else reason})
     return rows
