@@ -38,14 +38,20 @@ def _to_uint8_hwc(frame: Tensor) -> np.ndarray:
 
 
 def bicubic_blend(lq: Tensor) -> Tensor:
-    """Baseline for a window: (n_in, 3, h, w) -> (2*n_in - 1, 3, 4h, 4w)."""
+    """Baseline for a window: (..., n_in, 3, h, w) -> (..., 2*n_in - 1, 3, 4h, 4w).
+
+    Bicubic x4 (MATLAB ``imresize``) of each input frame; each in-between
+    frame is the mean of its two upscaled neighbours.  Also the global skip
+    connection of ``MEGANConfig(global_skip=True)``.
+    """
     from megan_fast.data.imresize import imresize
 
+    n = lq.shape[-4]
     up = imresize(lq, scale=4.0)
-    out = [up[0]]
-    for i in range(1, up.shape[0]):
-        out += [(up[i - 1] + up[i]) / 2, up[i]]
-    return torch.stack(out, 0)
+    out = up.new_empty(*up.shape[:-4], 2 * n - 1, *up.shape[-3:])
+    out[..., 0::2, :, :, :] = up
+    out[..., 1::2, :, :, :] = (up[..., :-1, :, :, :] + up[..., 1:, :, :, :]) / 2
+    return out
 
 
 def predict_clip(predict: Callable[[Tensor], Tensor], gt: Tensor, lq: Tensor, n_in: int) -> dict[int, Tensor]:

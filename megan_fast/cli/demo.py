@@ -124,13 +124,12 @@ def make_demo_clip(photo: str, frames: int, size: tuple[int, int], motion: str =
     """
     import torch
 
-    from megan_fast.data.imresize import imresize
+    from megan_fast.data.datasets import _make_lq
     from megan_fast.data.synthetic import make_clip
 
     clip = make_clip(photo, frames, size, motion=motion, speed=speed, seed=seed, view_scale=view_scale)
     gt = clip.clamp(0, 1).mul(255).round().to(torch.uint8).float().div_(255)
-    lq = imresize(gt[0::2], scale=0.25).clamp_(0, 1).mul_(255).round_().div_(255)
-    return gt, lq
+    return gt, _make_lq(gt[0::2], 4, quantize=True)
 
 
 def score(pred, gt) -> dict:

@@ -95,9 +95,10 @@ class MEGAN(nn.Module):
         input frame i; frame 2i+1 lies between inputs i and i+1.
 
     ``MEGANConfig(global_skip=True)`` (not in the paper; off by default) adds
-    :meth:`baseline` to the output and zero-initialises the last convolution,
-    so the network learns a residual over bicubic upscaling with frame
-    blending: useful for short training runs such as the demo checkpoint's.
+    the evaluation baseline (:func:`megan_fast.evaluation.bicubic_blend`:
+    bicubic x4, in-between frames blended) to the output and zero-initialises
+    the last convolution, so the network learns a residual over it: useful for
+    short training runs such as the demo checkpoint's.
     """
 
     def __init__(self, config: MEGANConfig | dict | None = None, **overrides: Any) -> None:
@@ -161,25 +162,10 @@ class MEGAN(nn.Module):
         out = self.reconstruction(feats.reshape(b * t, nf, hp, wp))
         out = out.reshape(b, t, 3, 4 * hp, 4 * wp)[..., : 4 * h, : 4 * w]
         if cfg.global_skip:
-            out = out + self.baseline(x)
+            from megan_fast.evaluation import bicubic_blend
+
+            out = out + bicubic_blend(x)
         return out
-
-    @staticmethod
-    def baseline(x: Tensor) -> Tensor:
-        """Bicubic x4 (MATLAB ``imresize``) of each input frame, the mean of two neighbours in between.
-
-        (b, n, 3, h, w) -> (b, 2n-1, 3, 4h, 4w): the "bicubic + frame blending"
-        baseline of the evaluation protocol, and the global skip connection of
-        ``MEGANConfig(global_skip=True)``.
-        """
-        from megan_fast.data.imresize import imresize
-
-        b, n, c, h, w = x.shape
-        up = imresize(x.reshape(b * n, c, h, w), scale=4.0).reshape(b, n, c, 4 * h, 4 * w)
-        base = up.new_empty(b, 2 * n - 1, c, 4 * h, 4 * w)
-        base[:, 0::2] = up
-        base[:, 1::2] = (up[:, :-1] + up[:, 1:]) / 2
-        return base
 
     # ------------------------------------------------------------------ weights I/O
 
