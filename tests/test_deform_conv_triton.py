@@ -11,25 +11,13 @@ groups and several taps.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 torchvision = pytest.importorskip("torchvision")
-pytest.importorskip("triton")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip(
-        "no GPU and TRITON_INTERPRET != 1: the Triton kernels can run on CPU tensors only under the "
-        "interpreter, which must be enabled before triton is imported",
-        allow_module_level=True,
-    )
-
+from _triton_util import DEVICE, cuda_only  # noqa: E402  (skips without Triton / interpreter)
 from megan_fast.triton import deform_conv as tdc  # noqa: E402
-
-cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (fp16/bf16 and GPU-sized problems)")
 
 
 # --------------------------------------------------------------------------- helpers

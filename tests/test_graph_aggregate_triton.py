@@ -13,25 +13,13 @@ inputs and empty problems.  On a GPU: fp16 / bf16 and MEGAN's full size.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("triton")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip(
-        "no GPU and TRITON_INTERPRET != 1: the Triton kernels can run on CPU tensors only under the "
-        "interpreter, which must be enabled before triton is imported",
-        allow_module_level=True,
-    )
-
+from _triton_util import DEVICE, cuda_only  # noqa: E402  (skips without Triton / interpreter)
 from megan_fast.triton import graph_aggregate as tga  # noqa: E402
 
-cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (fp16/bf16 and GPU-sized problems)")
 # The GPU kernels take fp32/fp16/bf16 (float64 is a TypeError there): the
 # exact checks run in float64 on the CPU and in float32 on a GPU.
 EXACT = torch.float64 if DEVICE == "cpu" else torch.float32

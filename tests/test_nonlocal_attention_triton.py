@@ -13,24 +13,12 @@ all in float64.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip(
-        "no GPU and TRITON_INTERPRET != 1: the Triton kernels can run on CPU tensors only under the "
-        "interpreter, which must be enabled before triton is imported",
-        allow_module_level=True,
-    )
-
+from _triton_util import DEVICE, cuda_only  # noqa: E402  (skips without Triton / interpreter)
 from megan_fast.triton import nonlocal_attention as tna  # noqa: E402
-
-cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (fp16/bf16 and GPU-sized problems)")
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 
