@@ -60,13 +60,7 @@ def speed(case, dtype) -> list[str]:
                 continue
             inputs = benchmarking.dcn_inputs(case, device="cuda", dtype=dtype, requires_grad=backward)
             fn = benchmarking.dcn_step(backend, inputs, backward)
-            fn()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            peak = benchmarking.cuda_peak_mib(fn)
             t = benchmarking.median_seconds(fn, 1.0, sync_cuda=True)
             line[backend] = (t * 1e3, peak)
         tri, stock = line["triton"], line.get("stock", (float("nan"), float("nan")))

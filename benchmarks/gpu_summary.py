@@ -40,16 +40,6 @@ def bench_ms(fn, warmup=25, rep=200) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def peak_mib(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64 (NaN if a has any NaN)."""
     a, b = a.double(), b.double()
@@ -113,7 +103,7 @@ def attention(peak_tflops: float) -> None:
                 res = {}
                 for backend in ("triton", "stock"):
                     step = benchmarking.attention_step(backend, qkv, backward)
-                    res[backend] = (bench_ms(step), peak_mib(step))
+                    res[backend] = (bench_ms(step), benchmarking.cuda_peak_mib(step))
                 t, s = res["triton"], res["stock"]
                 print(f"| {b} | {n:,} | {str(dtype)[6:]} | {'fwd+bwd' if backward else 'fwd'} | {t[0]:.3f} | "
                       f"{s[0]:.3f} | {s[0] / t[0]:.2f}x | {flops / t[0] / 1e9:.0f} ({flops / t[0] / 1e9 / peak_tflops:.0%}) "
@@ -151,7 +141,7 @@ def graph() -> None:
                 res = {}
                 for backend in ("triton", "stock"):
                     step = benchmarking.graph_step(backend, inp, backward)
-                    res[backend] = (bench_ms(step, rep=100), peak_mib(step))
+                    res[backend] = (bench_ms(step, rep=100), benchmarking.cuda_peak_mib(step))
                 t, s = res["triton"], res["stock"]
                 print(f"| b{b} {h}x{w} | {str(dtype)[6:]} | {'fwd+bwd' if backward else 'fwd'} | {t[0]:.3f} | "
                       f"{s[0]:.3f} | {s[0] / t[0]:.2f}x | {t[1]:.0f} | {s[1]:.0f} |", flush=True)
@@ -205,13 +195,11 @@ def model_inference() -> None:
                 torch.backends.cudnn.allow_tf32 = precision != "fp32"
                 torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
 
-                def step():
-                    with use_backend(backend), torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
-                        model(x)
-
+                step = benchmarking.model_step(model, backend, x, train=False,
+                                               autocast_dtype=torch.bfloat16 if amp else None)
                 try:
                     ms = bench_ms(step, warmup=200, rep=1000)
-                    peak = peak_mib(step)
+                    peak = benchmarking.cuda_peak_mib(step)
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     print(f"| {batch} | {precision} | {backend} | out of memory | - | - |", flush=True)
@@ -234,16 +222,12 @@ def training() -> None:
         target = torch.rand(batch, 7, 3, 128, 128, device="cuda")
         for amp in (False, True):
             for backend in ("auto", "stock"):
-                def step():
-                    with use_backend(backend), torch.autocast("cuda", torch.bfloat16, enabled=amp):
-                        y = model(x, memory_indices=[0, 2, 4, 6])
-                        loss = torch.sqrt((y.float() - target) ** 2 + 1e-6).mean()
-                    loss.backward()
-                    model.zero_grad(set_to_none=True)
-
+                step = benchmarking.model_step(model, backend, x, train=True, target=target,
+                                               autocast_dtype=torch.bfloat16 if amp else None,
+                                               memory_indices=[0, 2, 4, 6])
                 ms = bench_ms(step, warmup=200, rep=1000)
                 print(f"| {batch} | {'bf16 autocast' if amp else 'fp32'} | {backend} | {ms:.1f} | "
-                      f"{peak_mib(step):.0f} |", flush=True)
+                      f"{benchmarking.cuda_peak_mib(step):.0f} |", flush=True)
 
 
 def profile() -> None:
@@ -258,13 +242,7 @@ def profile() -> None:
     x = torch.rand(16, 4, 3, 32, 32, device="cuda")
     target = torch.rand(16, 7, 3, 128, 128, device="cuda")
     for backend in ("stock", "auto"):
-        def step():
-            with use_backend(backend):
-                y = model(x, memory_indices=[0, 2, 4, 6])
-                loss = torch.sqrt((y - target) ** 2 + 1e-6).mean()
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-
+        step = benchmarking.model_step(model, backend, x, train=True, target=target, memory_indices=[0, 2, 4, 6])
         for _ in range(3):
             step()
         torch.cuda.synchronize()

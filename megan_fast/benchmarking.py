@@ -6,6 +6,7 @@ the 64x112 feature size (batch 4) and the 32x32 training crop (batch 16).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable
 
@@ -172,18 +173,36 @@ def graph_step(backend: str, inputs: tuple, backward: bool) -> Callable[[], None
 # --------------------------------------------------------------------------- whole model
 
 
-def model_step(model, backend: str, x, train: bool, target=None) -> Callable[[], None]:
-    """One inference pass (no grad), or one training step's forward + backward (Charbonnier loss)."""
+def model_step(model, backend: str, x, train: bool, target=None, autocast_dtype: torch.dtype | None = None,
+               memory_indices: list[int] | None = None) -> Callable[[], None]:
+    """One inference pass (no grad), or one training step's forward + backward (Charbonnier loss).
+
+    ``autocast_dtype`` runs the model under ``torch.autocast`` of ``x``'s device
+    type; ``memory_indices`` fixes LMGA's memory frames.
+    """
 
     def run() -> None:
+        amp = contextlib.nullcontext() if autocast_dtype is None else torch.autocast(x.device.type, autocast_dtype)
         with use_backend(backend):
             if not train:
-                with torch.no_grad():
-                    model(x)
+                with torch.no_grad(), amp:
+                    model(x, memory_indices)
                 return
-            y = model(x)
-            loss = torch.sqrt((y - target) ** 2 + 1e-6).mean()
+            with amp:
+                y = model(x, memory_indices)
+            loss = torch.sqrt((y.float() - target) ** 2 + 1e-6).mean()
             loss.backward()
             model.zero_grad(set_to_none=True)
 
     return run
+
+
+def cuda_peak_mib(fn: Callable[[], None]) -> float:
+    """Peak CUDA memory (MiB) of one call of ``fn`` above what was allocated before it (after a warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
