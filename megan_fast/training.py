@@ -160,7 +160,6 @@ def build_dataset(spec: dict, seed: int, train: bool):
     kind = spec.pop("type", "vimeo90k")
     cls = _dataset_class(kind)
     if kind == "photos":
-        spec.pop("root", None)
         if not train:
             raise ConfigError("data type 'photos' is for training; validate on written clips (type 'folder')")
         return cls(**spec, seed=seed)
