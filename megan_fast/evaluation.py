@@ -15,7 +15,6 @@ between, the average of the two upscaled neighbours (frame blending).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Callable, Iterable
 
@@ -31,10 +30,6 @@ class ClipScore:
     psnr_y: float
     ssim_y: float
     frames: int
-
-
-def _to_uint8_hwc(frame: Tensor) -> np.ndarray:
-    return frame.float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
 def bicubic_blend(lq: Tensor) -> Tensor:
@@ -72,11 +67,12 @@ def predict_clip(predict: Callable[[Tensor], Tensor], gt: Tensor, lq: Tensor, n_
 
 
 def score_clip(preds: dict[int, Tensor], gt: Tensor) -> ClipScore:
+    from megan_fast.images import to_uint8
     from megan_fast.metrics import calculate_psnr, calculate_ssim
 
     psnrs, ssims = [], []
     for i in range(gt.shape[0]):
-        a, b = _to_uint8_hwc(preds[i]), _to_uint8_hwc(gt[i])
+        a, b = to_uint8(preds[i]), to_uint8(gt[i])
         psnrs.append(calculate_psnr(a, b, crop_border=0, test_y_channel=True))
         ssims.append(calculate_ssim(a, b, crop_border=0, test_y_channel=True))
     return ClipScore(float(np.mean(psnrs)), float(np.mean(ssims)), len(psnrs))
@@ -129,14 +125,16 @@ def evaluate(
     return report
 
 
+SAVED_FRAMES = r"\d{5}\.png"  # names of the frames written under save_dir/<clip>/
+
+
 def _save_frames(preds: dict[int, Tensor], folder: str) -> None:
-    from PIL import Image
+    """Marked PNGs ``00000.png``, ... into ``folder`` (inside the caller's temporary output folder)."""
+    from megan_fast.images import save_png
 
     os.makedirs(folder, exist_ok=True)
     for i in sorted(preds):
-        tmp = os.path.join(folder, f".{i:05d}.png.tmp")
-        Image.fromarray(_to_uint8_hwc(preds[i])).save(tmp, format="PNG")
-        os.replace(tmp, os.path.join(folder, f"{i:05d}.png"))
+        save_png(preds[i], os.path.join(folder, f"{i:05d}.png"))
 
 
 def format_table(report: dict) -> str:
@@ -151,11 +149,3 @@ def format_table(report: dict) -> str:
             line += f"   {b['psnr_y']:>21.2f} {b['ssim_y']:>8.4f}"
         rows.append(line)
     return "\n".join(rows)
-
-
-def write_json(report: dict, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
-import time
+import re
+import warnings
 from typing import Any
 
 import torch
@@ -25,9 +25,16 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from megan_fast.models import MEGAN
+from megan_fast import outputs
+from megan_fast.errors import CheckpointError, ConfigError
+from megan_fast.models import MEGAN, MEGANConfig
 
 CHECKPOINT_PREFIX = "iter_"
+CHECKPOINT_RE = re.compile(r"iter_(\d+)\.pt")
+CONFIG_NAME = "config.yaml"
+RUN_KIND = outputs.Kind("training run folder", folder=True)
+CHECKPOINT_KIND = outputs.Kind("training checkpoint", entries=CHECKPOINT_RE.pattern, by_name=True)
+CONFIG_KIND = outputs.Kind("run config")
 
 
 # --------------------------------------------------------------------------- config
@@ -61,10 +68,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
-    """A training config with a missing, unknown or invalid entry."""
-
-
 def _merge(base: dict, override: dict, path: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
@@ -72,8 +75,12 @@ def _merge(base: dict, override: dict, path: str = "") -> dict:
         if key not in base:
             raise ConfigError(f"unknown config entry {where!r}; known entries here: {', '.join(sorted(base))}")
         if where in ("data.train", "data.val") and isinstance(value, dict):
+            if "type" in value and not isinstance(value["type"], str):
+                raise ConfigError(f"{where}.type must be 'vimeo90k', 'folder' or 'photos', got {value['type']!r}")
             out[key] = _data_spec(value, where, base[key] or {})
-        elif isinstance(base[key], dict) and isinstance(value, dict) and key != "model":
+        elif isinstance(base[key], dict) and key != "model":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where} must be a mapping, got {value!r}")
             out[key] = _merge(base[key], value, where + ".")
         else:
             out[key] = value
@@ -115,35 +122,150 @@ def _data_spec(value: dict, where: str, base: dict) -> dict:
     return spec
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that ``1e-4`` (no dot) is a number, as in YAML 1.2, not a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _where(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _int(where: str, value: Any, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if value < lo:
+        raise ConfigError(f"{where} must be >= {lo}, got {value}")
+    return value
+
+
+def _float(where: str, value: Any, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
+           hi_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = " (write numbers without quotes)" if isinstance(value, str) else ""
+        raise ConfigError(f"{where} must be a number, got {value!r}{hint}")
+    if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+        if hi == math.inf:
+            what = "positive" if lo == 0 and lo_open else f"{'>' if lo_open else '>='} {lo:g}"
+        else:
+            what = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ConfigError(f"{where} must be {what} (a finite number), got {value!r}")
+    return float(value)
+
+
+def _bool(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    return value
+
+
+def _str(where: str, value: Any, none_ok: bool = False) -> str | None:
+    if value is None and none_ok:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _pair(where: str, value: Any) -> list[float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ConfigError(f"{where} must be a list of two numbers [min, max], got {value!r}")
+    return [_float(f"{where}[{i}]", v) for i, v in enumerate(value)]
+
+
+def _names(where: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where} must be a non-empty list of names, got {value!r}")
+    return [_str(f"{where}[{i}]", v) for i, v in enumerate(value)]
+
+
+# data.train / data.val entries: name -> check(where, value); the dataset classes check the rest on creation.
+_DATA_CHECKS = {
+    "type": lambda w, v: v,
+    "root": lambda w, v: _str(w, v, none_ok=True),
+    "lq_root": lambda w, v: _str(w, v, none_ok=True),
+    "list_file": lambda w, v: _str(w, v, none_ok=True),
+    "split": lambda w, v: _str(w, v),
+    "mode": lambda w, v: _str(w, v),
+    "crop": lambda w, v: None if v is None else _int(w, v, 1),
+    "scale": lambda w, v: _int(w, v, 1),
+    "window_stride": lambda w, v: _int(w, v, 1),
+    "length": lambda w, v: _int(w, v, 1),
+    "augment": _bool,
+    "quantize_lq": _bool,
+    "zoom_prob": lambda w, v: _float(w, v, 0, 1),
+    "pan_speed": _pair,
+    "zoom_speed": _pair,
+    "view_scale": _pair,
+    "photos": lambda w, v: _names(w, v),
+}
+
+
+def _check_config(cfg: dict) -> None:
+    """Types and ranges of every entry (load_config's checks after merging the defaults)."""
+    _str("name", cfg["name"])
+    _str("output_dir", cfg["output_dir"])
+    _int("seed", cfg["seed"], 0)
+    data, optim, log = cfg["data"], cfg["optim"], cfg["logging"]
+    _int("data.batch_size", data["batch_size"], 1)
+    _int("data.num_workers", data["num_workers"], 0)
+    for part in ("train", "val"):
+        spec = data[part]
+        if spec is None and part == "val":
+            continue
+        if not isinstance(spec, dict):
+            raise ConfigError(f"data.{part} must be a mapping of dataset entries, got {spec!r}")
+        for key, value in spec.items():
+            _DATA_CHECKS.get(key, lambda w, v: v)(f"data.{part}.{key}", value)
+    _float("optim.lr", optim["lr"], 0, lo_open=True)
+    betas = optim["betas"]
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise ConfigError(f"optim.betas must be a list of two numbers in [0, 1), got {betas!r}")
+    for i, b in enumerate(betas):
+        _float(f"optim.betas[{i}]", b, 0, 1, hi_open=True)
+    _float("optim.weight_decay", optim["weight_decay"], 0)
+    _int("optim.iterations", optim["iterations"], 1)
+    _float("optim.eta_min", optim["eta_min"], 0)
+    _int("optim.warmup_iterations", optim["warmup_iterations"], 0)
+    _float("optim.grad_clip", optim["grad_clip"], 0)
+    _float("optim.charbonnier_eps", optim["charbonnier_eps"], 0, lo_open=True)
+    _float("optim.ema_decay", optim["ema_decay"], 0, 1, hi_open=True)
+    if optim["autocast"] not in ("none", "bfloat16", "float16"):
+        raise ConfigError(f"optim.autocast must be none, bfloat16 or float16, got {optim['autocast']!r}")
+    for key in ("print_every", "val_every", "save_every"):
+        _int(f"logging.{key}", log[key], 1)
+    _int("logging.keep_checkpoints", log["keep_checkpoints"], 0)
+    _bool("logging.tensorboard", log["tensorboard"])
+
+
 def load_config(path: str) -> dict:
-    """Reads a YAML training config and fills in the defaults; raises ConfigError on bad entries."""
+    """Reads a YAML training config, fills in the defaults and checks every entry; raises ConfigError.
+
+    Nothing is read but the file itself: the data folders are checked when
+    training starts (:func:`train`), before anything is written.
+    """
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} not found")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.load(f, Loader=_Loader) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     cfg = _merge(DEFAULTS, raw)
-    optim = cfg["optim"]
-    if not (isinstance(optim["iterations"], int) and optim["iterations"] > 0):
-        raise ConfigError(f"optim.iterations must be a positive integer, got {optim['iterations']!r}")
-    if not optim["lr"] > 0:
-        raise ConfigError(f"optim.lr must be positive, got {optim['lr']!r}")
-    if optim["autocast"] not in ("none", "bfloat16", "float16"):
-        raise ConfigError(f"optim.autocast must be none, bfloat16 or float16, got {optim['autocast']!r}")
-    if not 0 <= optim["ema_decay"] < 1:
-        raise ConfigError(f"optim.ema_decay must be in [0, 1), got {optim['ema_decay']!r}")
+    if not isinstance(cfg["model"], dict):
+        raise ConfigError(f"model must be a mapping of MEGANConfig fields, got {cfg['model']!r}")
+    _check_config(cfg)
     if cfg["data"]["train"].get("type", "vimeo90k") != "photos" and cfg["data"]["train"].get("root") is None:
         raise ConfigError("data.train.root must be set to the training data folder")
-    if int(cfg["data"]["batch_size"]) < 1:
-        raise ConfigError(f"data.batch_size must be >= 1, got {cfg['data']['batch_size']!r}")
-    try:
-        MEGAN(dict(cfg["model"]))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"model: {exc}") from exc
+    MEGANConfig.from_dict(dict(cfg["model"]), source="model")
     return cfg
 
 
@@ -202,20 +324,41 @@ def lr_at(it: int, optim: dict) -> float:
     return optim["eta_min"] + 0.5 * (optim["lr"] - optim["eta_min"]) * (1 + math.cos(math.pi * progress))
 
 
-def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
+    """(iteration, path) of the ``iter_N.pt`` files in ``ckpt_dir``, oldest first (other names are ignored)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    found = [(int(m.group(1)), n) for n in os.listdir(ckpt_dir) if (m := CHECKPOINT_RE.fullmatch(n))]
+    return [(it, os.path.join(ckpt_dir, n)) for it, n in sorted(found)]
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
-    ckpt_dir = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        return None
-    names = [n for n in os.listdir(ckpt_dir) if n.startswith(CHECKPOINT_PREFIX) and n.endswith(".pt")]
-    if not names:
-        return None
-    return os.path.join(ckpt_dir, max(names, key=lambda n: int(n[len(CHECKPOINT_PREFIX) : -3])))
+    """The path of the newest ``checkpoints/iter_N.pt`` of a run folder, or None."""
+    found = _checkpoints(os.path.join(output_dir, "checkpoints"))
+    return found[-1][1] if found else None
+
+
+_CHECKPOINT_ENTRIES = {"model": dict, "optimizer": dict, "scheduler": dict, "iteration": int, "rng": dict}
+
+
+def load_checkpoint(path: str) -> dict:
+    """Reads a training checkpoint with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, dicts.
+
+    Raises:
+        CheckpointError: unreadable, not a checkpoint (nothing in it is run:
+            no unpickling of objects), or missing entries; the path is named.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # untrusted bytes: any failure is "not a checkpoint"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a megan-fast training checkpoint ({first})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a megan-fast training checkpoint (holds a {type(state).__name__})")
+    for key, kind in _CHECKPOINT_ENTRIES.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise CheckpointError(f"{path}: not a megan-fast training checkpoint (entry {key!r} missing or wrong)")
+    return state
 
 
 # --------------------------------------------------------------------------- the loop
@@ -229,12 +372,77 @@ class TrainResult:
     val_psnr: float | None
 
 
+def _data_inputs(cfg: dict) -> list[tuple[str, str | None]]:
+    """The folders and files a config reads, as (entry, path): outputs may not overlap them."""
+    found = []
+    for part in ("train", "val"):
+        spec = cfg["data"].get(part) or {}
+        for key in ("root", "lq_root", "list_file"):
+            found.append((f"data.{part}.{key}", spec.get(key)))
+    return found
+
+
+def check_output_dir(cfg: dict, resume: bool, inputs: list[tuple[str, str | None]] = ()) -> outputs.Output:
+    """Checks ``output_dir`` before anything is written: a fresh run needs a new or empty folder, ``resume`` a run.
+
+    Raises:
+        OutputError: empty path, a file, overlapping an input, or not writable;
+            a fresh run into a folder that holds files.
+        CheckpointError: ``resume`` and no checkpoint in the folder.
+    """
+    out = outputs.check_output(cfg["output_dir"], "output_dir", RUN_KIND, inputs=[*_data_inputs(cfg), *inputs],
+                               existing="keep", make_parents=True)
+    ckpt_dir = os.path.join(out.path, "checkpoints")
+    if resume:
+        if latest_checkpoint(out.path) is None:
+            raise CheckpointError(f"--resume: no checkpoint (iter_N.pt) in {ckpt_dir}")
+    elif os.path.isdir(out.path) and os.listdir(out.path):
+        first = sorted(os.listdir(out.path))[0]
+        raise outputs.OutputError(f"output_dir {out.shown!r} is not empty (it holds {first!r}); pass --resume to "
+                                  "continue the run there, or choose a new output_dir")
+    return out
+
+
+def _dataset(spec: dict, seed: int, train: bool, where: str):
+    """build_dataset with every failure (missing folder, bad entry) as a ConfigError naming the entry."""
+    try:
+        return build_dataset(spec, seed, train)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _restore(state: dict, path: str, model, optimizer, scheduler, scaler, ema, rank: int, dev) -> int:
+    """Loads a checkpoint's states into the training objects; returns its iteration."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"][rank] if rank < len(rng["torch"]) else rng["torch"][0])
+        if torch.cuda.is_available() and rng.get("cuda") is not None and dev.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+        if model.lmga.generator is not None and rng.get("lmga") is not None:
+            model.lmga.generator.set_state(rng["lmga"])
+    except (CheckpointError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+        raise CheckpointError(f"{path}: does not fit this run's config ({exc})") from None
+    return int(state["iteration"])
+
+
 def train(cfg: dict, resume: bool = False, device: str | None = None, progress: bool = True,
-          stop_at: int | None = None) -> TrainResult:
+          stop_at: int | None = None, inputs: list[tuple[str, str | None]] = ()) -> TrainResult:
     """Runs (or resumes) training as configured; returns where it ended.
 
     ``stop_at`` ends the run early after that iteration (with a checkpoint),
     leaving the schedule unchanged, so that ``resume`` continues it later.
+    Everything is checked (output folder, data, resume checkpoint) before
+    anything is written; ``inputs`` are more (name, path) pairs that
+    ``output_dir`` may not overlap (the config file).
     """
     from tqdm import tqdm
 
@@ -254,38 +462,12 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
     seed = int(cfg["seed"])
     torch.manual_seed(seed + rank)
     optim_cfg, log_cfg, data_cfg = cfg["optim"], cfg["logging"], cfg["data"]
-    out_dir = cfg["output_dir"]
+    out = check_output_dir(cfg, resume, list(inputs))
+    out_dir = out.path
     ckpt_dir = os.path.join(out_dir, "checkpoints")
-    if rank == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(cfg, f, sort_keys=False)
 
-    model = MEGAN(dict(cfg["model"])).to(dev)
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if optim_cfg["ema_decay"] > 0 else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=optim_cfg["lr"], betas=tuple(optim_cfg["betas"]),
-                                 weight_decay=optim_cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_at(it, optim_cfg) / optim_cfg["lr"])
-
-    start_it = 0
-    if resume:
-        path = latest_checkpoint(out_dir)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        start_it = int(state["iteration"])
-        torch.set_rng_state(state["rng"]["torch"][rank] if rank < len(state["rng"]["torch"]) else state["rng"]["torch"][0])
-        if torch.cuda.is_available() and state["rng"].get("cuda") is not None and dev.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        if model.lmga.generator is not None and state["rng"].get("lmga") is not None:
-            model.lmga.generator.set_state(state["rng"]["lmga"])
-
-    train_set = build_dataset(data_cfg["train"], seed, train=True)
+    train_set = _dataset(data_cfg["train"], seed, True, "data.train")
+    val_set = _dataset(data_cfg["val"], 0, False, "data.val") if data_cfg.get("val") else None
     batch = int(data_cfg["batch_size"]) // world
     if batch < 1:
         raise ConfigError(f"data.batch_size {data_cfg['batch_size']} is smaller than the {world} processes")
@@ -294,12 +476,35 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
     if per_epoch == 0:
         raise ConfigError(f"the training set has {len(train_set)} items: fewer than one batch of {batch} per process")
 
+    model = MEGAN(dict(cfg["model"])).to(dev)
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if optim_cfg["ema_decay"] > 0 else None
+    optimizer = torch.optim.Adam(model.parameters(), lr=optim_cfg["lr"], betas=tuple(optim_cfg["betas"]),
+                                 weight_decay=optim_cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_at(it, optim_cfg) / optim_cfg["lr"])
+    amp_dtype = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[optim_cfg["autocast"]]
+    use_amp = amp_dtype is not None and dev.type == "cuda"
+    if amp_dtype is not None and not use_amp:
+        warnings.warn(f"optim.autocast {optim_cfg['autocast']} applies on CUDA devices only; "
+                      f"training in float32 on {dev.type}", stacklevel=2)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    start_it = 0
+    if resume:
+        path = latest_checkpoint(out_dir)
+        start_it = _restore(load_checkpoint(path), path, model, optimizer, scheduler, scaler, ema, rank, dev)
+
+    # Everything is checked: only now is anything written.
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        config_out = out.child(CONFIG_NAME, CONFIG_KIND)
+        config_out.check_existing()
+        with config_out.atomic_file() as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(f"# {outputs.written_by('train')}: the resolved config of this run\n")
+            yaml.safe_dump(cfg, f, sort_keys=False)
+
     net = model
     if distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    amp_dtype = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[optim_cfg["autocast"]]
-    use_amp = amp_dtype is not None and dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     writer = None
     if rank == 0 and log_cfg["tensorboard"]:
@@ -318,56 +523,59 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
     saved = None
     bar = tqdm(total=total, initial=start_it, unit="it", desc=cfg["name"], disable=not progress or rank != 0)
     model.train()
-    while it < end:
-        epoch, pos = divmod(it, per_epoch)
-        sampler.set_position(epoch, pos * batch)
-        if hasattr(train_set, "set_epoch"):
-            train_set.set_epoch(epoch)
-        # Its own generator: creating a loader must not consume the global RNG,
-        # or a resumed run would draw different memory frames than an uninterrupted one.
-        loader = torch.utils.data.DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True,
-                                             num_workers=int(data_cfg["num_workers"]), pin_memory=dev.type == "cuda",
-                                             generator=torch.Generator().manual_seed(seed + epoch))
-        for item in loader:
-            lq, gt = item["lq"].to(dev, non_blocking=True), item["gt"].to(dev, non_blocking=True)
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                loss = charbonnier(net(lq).float(), gt, optim_cfg["charbonnier_eps"])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if optim_cfg["grad_clip"] > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), optim_cfg["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                with torch.no_grad():
-                    d = optim_cfg["ema_decay"]
-                    for pe, pm in zip(ema.parameters(), model.parameters()):
-                        pe.lerp_(pm.detach(), 1 - d)
-                    for be, bm in zip(ema.buffers(), model.buffers()):
-                        be.copy_(bm)
-            it += 1
-            last_loss = loss.item()
-            bar.update(1)
-            if rank == 0 and (it % log_cfg["print_every"] == 0 or it == total):
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                if writer is not None:
-                    writer.add_scalar("train/loss", last_loss, it)
-                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], it)
-            if data_cfg.get("val") and rank == 0 and (it % log_cfg["val_every"] == 0 or it == total):
-                val_psnr = validate(ema or model, data_cfg["val"], dev)
-                model.train()
-                if writer is not None:
-                    writer.add_scalar("val/psnr_y", val_psnr, it)
-            if it % log_cfg["save_every"] == 0 or it == end:
-                saved = save_checkpoint(out_dir, it, model, optimizer, scheduler, ema, rank, world,
-                                        int(log_cfg["keep_checkpoints"]))
-            if it >= end or it % per_epoch == 0:
-                break
-    bar.close()
-    if writer is not None:
-        writer.close()
+    try:
+        while it < end:
+            epoch, pos = divmod(it, per_epoch)
+            sampler.set_position(epoch, pos * batch)
+            if hasattr(train_set, "set_epoch"):
+                train_set.set_epoch(epoch)
+            # Its own generator: creating a loader must not consume the global RNG,
+            # or a resumed run would draw different memory frames than an uninterrupted one.
+            loader = torch.utils.data.DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True,
+                                                 num_workers=int(data_cfg["num_workers"]),
+                                                 pin_memory=dev.type == "cuda",
+                                                 generator=torch.Generator().manual_seed(seed + epoch))
+            for item in loader:
+                lq, gt = item["lq"].to(dev, non_blocking=True), item["gt"].to(dev, non_blocking=True)
+                with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+                    loss = charbonnier(net(lq).float(), gt, optim_cfg["charbonnier_eps"])
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if optim_cfg["grad_clip"] > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), optim_cfg["grad_clip"])
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                if ema is not None:
+                    with torch.no_grad():
+                        d = optim_cfg["ema_decay"]
+                        for pe, pm in zip(ema.parameters(), model.parameters()):
+                            pe.lerp_(pm.detach(), 1 - d)
+                        for be, bm in zip(ema.buffers(), model.buffers()):
+                            be.copy_(bm)
+                it += 1
+                last_loss = loss.item()
+                bar.update(1)
+                if rank == 0 and (it % log_cfg["print_every"] == 0 or it == total):
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                    if writer is not None:
+                        writer.add_scalar("train/loss", last_loss, it)
+                        writer.add_scalar("train/lr", scheduler.get_last_lr()[0], it)
+                if val_set is not None and rank == 0 and (it % log_cfg["val_every"] == 0 or it == total):
+                    val_psnr = validate(ema or model, val_set, dev)
+                    model.train()
+                    if writer is not None:
+                        writer.add_scalar("val/psnr_y", val_psnr, it)
+                if it % log_cfg["save_every"] == 0 or it == end:
+                    saved = save_checkpoint(out_dir, it, model, optimizer, scheduler, ema, rank, world,
+                                            int(log_cfg["keep_checkpoints"]), scaler)
+                if it >= end or it % per_epoch == 0:
+                    break
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
     if distributed:
         dist.barrier()
     return TrainResult(it, last_loss, saved, val_psnr)
@@ -382,30 +590,36 @@ def _gather_rng(rank: int, world: int) -> list:
     return states
 
 
-def save_checkpoint(out_dir, it, model, optimizer, scheduler, ema, rank, world, keep) -> str | None:
+def save_checkpoint(out_dir, it, model, optimizer, scheduler, ema, rank, world, keep, scaler=None) -> str | None:
+    """Writes ``checkpoints/iter_{it}.pt`` (tensors, numbers, strings, lists and dicts only) and ``model/``.
+
+    Keeps the newest ``keep`` checkpoints (0: all); only ``iter_N.pt`` files are ever removed.
+    """
     rng = {"torch": _gather_rng(rank, world),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
            "lmga": model.lmga.generator.get_state() if model.lmga.generator is not None else None}
     if rank != 0:
         return None
-    path = os.path.join(out_dir, "checkpoints", f"{CHECKPOINT_PREFIX}{it}.pt")
-    _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                  "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                  "iteration": it, "rng": rng, "config": model.config_dict()}, path)
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    path = os.path.join(ckpt_dir, f"{CHECKPOINT_PREFIX}{it}.pt")
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+             "iteration": it, "rng": rng, "config": model.config_dict(), "written_by": outputs.written_by("train")}
+    with outputs.Output(path, "checkpoint", CHECKPOINT_KIND, True, path).atomic_file() as tmp:
+        torch.save(state, tmp)
     # Also a ready-to-use model folder (safetensors + config) of the weights to evaluate.
     (ema or model).save_pretrained(os.path.join(out_dir, "model"))
-    ckpts = sorted((n for n in os.listdir(os.path.dirname(path)) if n.startswith(CHECKPOINT_PREFIX)),
-                   key=lambda n: int(n[len(CHECKPOINT_PREFIX) : -3]))
-    for old in ckpts[:-keep] if keep > 0 else []:
-        os.remove(os.path.join(os.path.dirname(path), old))
+    for _, old in _checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        os.remove(old)
     return path
 
 
-def validate(model: MEGAN, spec: dict, dev: torch.device) -> float:
-    """Mean Y-PSNR over a validation set (whole items, no augmentation)."""
+def validate(model: MEGAN, data, dev: torch.device) -> float:
+    """Mean Y-PSNR over a validation set (a dataset, or a ``data.val`` spec; whole items, no augmentation)."""
     from megan_fast.metrics import psnr_y
 
-    dataset = build_dataset(spec, 0, train=False)
+    dataset = build_dataset(data, 0, train=False) if isinstance(data, dict) else data
     model.eval()
     scores = []
     with torch.no_grad():
@@ -416,13 +630,15 @@ def validate(model: MEGAN, spec: dict, dev: torch.device) -> float:
     return float(sum(scores) / max(1, len(scores)))
 
 
-def main_train(args) -> int:
-    cfg = load_config(args.config)
-    if args.output_dir:
-        cfg["output_dir"] = args.output_dir
-    if args.iterations:
-        cfg["optim"]["iterations"] = args.iterations
-    result = train(cfg, resume=args.resume, device=args.device, stop_at=args.stop_at)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps(dataclasses.asdict(result)))
-    return 0
+def main_train(config: str, output_dir: str | None = None, iterations: int | None = None, resume: bool = False,
+               device: str | None = None, stop_at: int | None = None, progress: bool = True) -> TrainResult:
+    """``megan-fast train``: loads ``config``, applies the overrides, trains; the config file is an input."""
+    cfg = load_config(config)
+    if output_dir is not None:
+        cfg["output_dir"] = output_dir
+    if iterations is not None:
+        cfg["optim"]["iterations"] = _int("--iterations", iterations, 1)
+    if stop_at is not None:
+        _int("--stop-at", stop_at, 1)
+    return train(cfg, resume=resume, device=device, stop_at=stop_at, progress=progress,
+                 inputs=[("--config", config)])

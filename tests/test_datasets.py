@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from megan_fast.data import VideoFolderClips, Vimeo90KSeptuplet, bicubic_downscale_x4, imresize, list_images, read_image
+from megan_fast.data import VideoFolderClips, Vimeo90KSeptuplet, bicubic_downscale_x4, imresize, list_frames, read_image
 from megan_fast.data.synthetic import available_photos, load_photo, make_clip, write_clip_folder, write_vimeo_layout
 
 GT_SIZE = (48, 64)  # LR 12 x 16
@@ -303,7 +303,7 @@ def test_folder_natural_order_and_extensions(tmp_path):
     for p, n in zip(paths, names):
         os.replace(p, folder / n)
     (folder / "notes.txt").write_text("ignored")
-    order = [os.path.basename(p) for p in list_images(str(folder))]
+    order = [os.path.basename(p) for p in list_frames(str(folder))]
     assert order == ["f1.jpg", "f2.png", "f3.bmp", "f4.PNG", "f5.png", "f6.png", "f7.png", "f10.png"]
     assert len(VideoFolderClips(str(tmp_path / "gt"), crop=4)) == 2
 
@@ -326,7 +326,7 @@ def test_folder_errors(folders, tmp_path):
         VideoFolderClips(str(short))
     ev = VideoFolderClips(str(short), mode="eval")
     assert len(ev) == 0 and ev.clip_frames("s")[0].shape == (5, 3, 16, 16)
-    for p in list_images(str(short / "s"))[3:]:
+    for p in list_frames(str(short / "s"))[3:]:
         os.remove(p)
     with pytest.raises(ValueError, match=r"has 3 frames; mode 'eval' needs at least 4"):
         VideoFolderClips(str(short), mode="eval")

@@ -145,10 +145,12 @@ def test_lr_frames_are_made_as_the_training_data_makes_them(tmp_path):
 
 
 def test_bench_and_a_longer_clip(checkpoint, tmp_path):
+    from megan_fast.images import write_png
+
     out = str(tmp_path / "out")
     os.makedirs(os.path.join(out, "frames"))
     stale = os.path.join(out, "frames", "megan_011.png")  # from an earlier run with more frames
-    open(stale, "wb").close()
+    write_png(torch.zeros(3, 4, 4), stale)
     rc, stdout, stderr = run_demo("--checkpoint", checkpoint, "--size", "16x16", "--frames", "9",
                                   "--bench-runs", "1", "--output", out)
     assert rc == 0, stderr
@@ -195,17 +197,26 @@ def test_refuses_a_foreign_folder_unless_overwrite(checkpoint, tmp_path):
 
 
 def test_check_output(tmp_path):
-    assert demo.check_output(str(tmp_path / "new"), overwrite=False) is None
+    from megan_fast import outputs
+    from megan_fast.images import write_png
+
+    assert demo.check_output(str(tmp_path / "new"), overwrite=False).path == str(tmp_path / "new")
     (tmp_path / "afile").write_text("x")
-    assert "is a file" in demo.check_output(str(tmp_path / "afile"), overwrite=True)
+    with pytest.raises(outputs.OutputError, match="is a file"):
+        demo.check_output(str(tmp_path / "afile"), overwrite=True)
     own = tmp_path / "own"
     (own / "frames").mkdir(parents=True)
-    for name in ("strip.png", "metrics.json", "side_by_side.mp4", ".megan-fast-abc.mp4", "frames/megan_000.png"):
-        (own / name).write_bytes(b"")
-    assert demo.check_output(str(own), overwrite=False) is None  # a re-run needs no --overwrite
+    for name in ("strip.png", "frames/megan_000.png"):
+        write_png(torch.zeros(3, 4, 4), str(own / name))
+    (own / ".megan-fast-abc.mp4").write_bytes(b"")  # a temporary left by a killed run
+    demo.check_output(str(own), overwrite=False)  # a re-run needs no --overwrite
     (own / "frames" / "holiday.jpg").write_bytes(b"")
-    assert "'frames'" in demo.check_output(str(own), overwrite=False)
-    assert demo.check_output(str(own), overwrite=True) is None
+    with pytest.raises(outputs.OutputError, match="frames/holiday.jpg"):
+        demo.check_output(str(own), overwrite=False)
+    demo.check_output(str(own), overwrite=True)  # written beside, left alone
+    (own / "metrics.json").write_text("{}")  # one of the demo's names, but not megan-fast's file
+    with pytest.raises(outputs.OutputError, match="not a JSON file that megan-fast wrote"):
+        demo.check_output(str(own), overwrite=True)
 
 
 def test_bad_arguments(checkpoint, tmp_path, capsys):

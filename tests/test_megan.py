@@ -9,6 +9,7 @@ import torch
 
 import megan_fast
 from megan_fast.inference import iter_upscale, upscale_frames, window_starts
+from megan_fast.errors import CheckpointError
 from megan_fast.models import MEGAN, MEGANConfig
 from megan_fast.ops import _library, use_backend
 
@@ -186,10 +187,13 @@ def test_loading_wrong_shapes_is_a_clear_error(tmp_path):
     other = MEGAN(num_input_frames=3, **dict(SMALL, nf=8))
     from safetensors.torch import load_file
 
-    with pytest.raises(ValueError, match=r"shape mismatch"):
+    with pytest.raises(ValueError, match=r"do not fit this model's config: \d+ tensor\(s\) of another shape"):
         other.load_state_dict(load_file(str(tmp_path / "a" / "model.safetensors")))
-    with pytest.raises(FileNotFoundError, match="config.json not found"):
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
         MEGAN.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json not found"):
+        MEGAN.from_pretrained(tmp_path / "empty")
 
 
 def test_autocast_bfloat16_on_cpu_runs():

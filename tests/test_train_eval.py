@@ -55,8 +55,8 @@ def test_two_iterations_then_resume_equals_three(tmp_path, vimeo):
     assert r_first.iteration == 2
     r_rest = train(split, resume=True, device="cpu", progress=False)
     assert r_full.iteration == r_rest.iteration == 3
-    a = torch.load(r_full.checkpoint, weights_only=False)
-    b = torch.load(r_rest.checkpoint, weights_only=False)
+    a = torch.load(r_full.checkpoint, weights_only=True)
+    b = torch.load(r_rest.checkpoint, weights_only=True)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key in a["ema"]:
@@ -102,7 +102,7 @@ def test_ddp_two_cpu_processes(tmp_path, vimeo):
            "--master_port", str(_free_port()), "-m", "megan_fast", "train", "--config", cfg, "--device", "cpu"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "iter_2.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "iter_2.pt", weights_only=True)
     assert ckpt["iteration"] == 2 and len(ckpt["rng"]["torch"]) == 2
 
 

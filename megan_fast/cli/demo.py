@@ -20,18 +20,22 @@ import argparse
 import fractions
 import os
 import re
-import sys
-import tempfile
 import time
 
-from megan_fast.cli.upscale import DEMO_CHECKPOINT
+from megan_fast import outputs
+from megan_fast.cli._common import DEMO_CHECKPOINT, finite_float, int_at_least, load_model, positive_float, \
+    resolve_device
+from megan_fast.errors import UsageError
 
 VIDEO_NAME = "side_by_side.mp4"
 STRIP_NAME = "strip.png"
 METRICS_NAME = "metrics.json"
 FRAMES_DIR = "frames"
-_TMP_PREFIX = ".megan-fast-"
 _FRAME_RE = re.compile(r"megan_\d{3,}\.png")
+DEMO_KIND = outputs.Kind("demo output folder", folder=True, nested=True,
+                         entries=r"side_by_side\.mp4|strip\.png|metrics\.json|megan_\d{3,}\.png")
+_FILES = {VIDEO_NAME: outputs.Kind("video file"), STRIP_NAME: outputs.Kind("PNG image"),
+          METRICS_NAME: outputs.Kind("JSON file")}
 GAP = 4  # pixels between panels (even, so that H.264's 4:2:0 frame size stays even)
 PANELS = ("LR (nearest x4)", "bicubic", "MEGAN", "ground truth")
 
@@ -55,19 +59,19 @@ def add_parser(sub) -> None:
                    "from training); e.g. astronaut, coffee, rocket, motorcycle_left")
     p.add_argument("--size", type=_parse_size, default=(128, 192), metavar="HxW",
                    help="ground-truth frame size, multiples of 4 (default 128x192; LR 32x48)")
-    p.add_argument("--frames", type=int, default=7,
+    p.add_argument("--frames", type=int_at_least(3), default=7,
                    help="ground-truth frames, odd (default 7: 4 LR inputs -> 7 outputs)")
     p.add_argument("--motion", default="pan", choices=("pan", "zoom"), help="camera motion (default pan)")
-    p.add_argument("--speed", type=float, default=None,
+    p.add_argument("--speed", type=finite_float, default=None,
                    help="pan: GT pixels per GT frame (default 1.5); zoom: zoom factor - 1 per frame (default 0.02)")
-    p.add_argument("--seed", type=int, default=0, help="start point and direction of the motion (default 0)")
-    p.add_argument("--view-scale", type=float, default=1.0,
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="start point and direction of the motion (default 0)")
+    p.add_argument("--view-scale", type=positive_float, default=1.0,
                    help="photo pixels per GT pixel (default 1: the photo's own detail)")
-    p.add_argument("--fps", type=float, default=2.0,
+    p.add_argument("--fps", type=positive_float, default=2.0,
                    help="frame rate of the LR input; the video plays at twice this (default 2)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--no-bench", action="store_true", help="skip timing the fused kernels against stock")
-    p.add_argument("--bench-runs", type=int, default=3,
+    p.add_argument("--bench-runs", type=int_at_least(1), default=3,
                    help="timed forward passes per backend, after one warm-up (default 3; the median is reported)")
     p.set_defaults(func=run)
 
@@ -82,34 +86,21 @@ def _parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _fail(msg: str) -> int:
-    print(f"megan-fast demo: error: {msg}", file=sys.stderr)
-    return 2
+def check_output(path: str, overwrite: bool, inputs=()) -> outputs.Output:
+    """The checked ``--output`` folder; raises OutputError if the demo may not write into it.
 
-
-def _is_own(folder: str, name: str) -> bool:
-    """Whether ``folder/name`` is something this command writes (or a temporary file it left behind)."""
-    path = os.path.join(folder, name)
-    if name.startswith(_TMP_PREFIX):
-        return True
-    if name in (VIDEO_NAME, STRIP_NAME, METRICS_NAME):
-        return os.path.isfile(path)
-    if name == FRAMES_DIR and os.path.isdir(path):
-        return all(_FRAME_RE.fullmatch(n) or n.startswith(_TMP_PREFIX) for n in os.listdir(path))
-    return False
-
-
-def check_output(path: str, overwrite: bool) -> str | None:
-    """None if the demo may write into ``path``, else the reason it may not."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        return f"--output {path!r} is a file, not a folder; choose a folder path"
-    if os.path.isdir(path) and not overwrite:
-        foreign = sorted(n for n in os.listdir(path) if not _is_own(path, n))
-        if foreign:
-            shown = ", ".join(repr(n) for n in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-            return (f"--output {path!r} holds files that are not the demo's ({shown}); choose another folder "
-                    "or pass --overwrite to write into it anyway (other files are left alone)")
-    return None
+    A folder that holds only the demo's own files is rewritten without
+    ``--overwrite``; with it, other files may sit beside them (they are left
+    alone).  A file of one of the demo's names that megan-fast did not write
+    is never replaced.
+    """
+    out = outputs.check_output(path, "--output", DEMO_KIND, inputs=inputs, overwrite=overwrite, existing="fill")
+    for name, kind in _FILES.items():
+        out.child(name, kind).check_existing()
+    frames = os.path.join(out.path, FRAMES_DIR)
+    if os.path.lexists(frames) and (os.path.islink(frames) or not os.path.isdir(frames)):
+        raise outputs.OutputError(f"--output {path!r}: {FRAMES_DIR!r} in it is not a folder; choose another folder")
+    return out
 
 
 def make_demo_clip(photo: str, frames: int, size: tuple[int, int], motion: str = "pan",
@@ -176,62 +167,33 @@ def panel_row(t: int, lq, bicubic, megan, gt, gap: int = GAP):
     return _hcat([lr, bicubic[t], megan[t], gt[t]], gap).clamp(0, 1)
 
 
-def _public_mode(path: str) -> None:
-    """Gives a file made by ``tempfile.mkstemp`` (mode 0600) the mode ``open()`` would (0666 & ~umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _write_png(frame, path: str) -> None:
-    """(3, H, W) in [0, 1] -> 8-bit RGB PNG, via a temporary file renamed into place."""
-    from PIL import Image
-
-    from megan_fast.video import to_uint8
-
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(to_uint8(frame), mode="RGB").save(f, format="PNG")
-        _public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _write_frames(frames, folder: str) -> None:
+    """MEGAN's frames as ``folder/megan_NNN.png``; earlier demo frames beyond this run's count are removed."""
+    from megan_fast.images import write_png
+
     os.makedirs(folder, exist_ok=True)
     names = {f"megan_{i:03d}.png" for i in range(frames.shape[0])}
     for i, frame in enumerate(frames):
-        _write_png(frame, os.path.join(folder, f"megan_{i:03d}.png"))
-    for n in os.listdir(folder):  # frames of an earlier, longer run
-        if _FRAME_RE.fullmatch(n) and n not in names:
-            os.remove(os.path.join(folder, n))
+        write_png(frame, os.path.join(folder, f"megan_{i:03d}.png"))
+    for n in os.listdir(folder):  # frames of an earlier, longer run (only megan-fast's own)
+        path = os.path.join(folder, n)
+        if _FRAME_RE.fullmatch(n) and n not in names and outputs.is_ours(path):
+            os.remove(path)
 
 
-def _write_video(rows: list, path: str, fps: fractions.Fraction) -> None:
-    """(3, H, W) frames -> H.264 ``path`` via megan_fast.video's atomic writer; FFmpeg errors as OSError."""
-    import av
-
+def _write_video(rows: list, out: outputs.Output, fps: fractions.Fraction) -> None:
+    """(3, H, W) frames -> H.264 video at ``out``, written atomically."""
     from megan_fast import video
 
-    try:
-        writer = video.VideoWriter(path, fps, rows[0].shape[-1], rows[0].shape[-2])
-    except av.error.FFmpegError as exc:
-        raise OSError(f"cannot open {path} for writing ({exc})") from exc
-    try:
-        for row in rows:
-            writer.write(row)
-        writer.commit()
-    except av.error.FFmpegError as exc:
-        writer.abort()
-        raise OSError(f"encoding {path} failed ({exc})") from exc
-    except BaseException:
-        writer.abort()
-        raise
-    _public_mode(path)
+    with out.atomic_file() as tmp:
+        writer = video.VideoWriter(tmp, fps, rows[0].shape[-1], rows[0].shape[-2], command="demo")
+        try:
+            for row in rows:
+                writer.write(row)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
 
 
 def bench_forward(model, window, runs: int = 3) -> dict:
@@ -283,53 +245,36 @@ def format_table(scores: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     start_all = time.perf_counter()
-    out_dir = args.output
-    if args.frames < 3 or args.frames % 2 == 0:
-        return _fail(f"--frames must be odd and at least 3, got {args.frames}")
-    if not args.fps > 0:
-        return _fail(f"--fps must be positive, got {args.fps}")
-    if not args.view_scale > 0:
-        return _fail(f"--view-scale must be positive, got {args.view_scale}")
-    if args.bench_runs < 1:
-        return _fail(f"--bench-runs must be at least 1, got {args.bench_runs}")
-    reason = check_output(out_dir, args.overwrite)
-    if reason is not None:
-        return _fail(reason)
+    if args.frames % 2 == 0:
+        raise UsageError(f"--frames must be odd and at least 3, got {args.frames}")
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
+    out = check_output(args.output, args.overwrite, inputs=[("--checkpoint", checkpoint)])
+    out_dir = out.shown
     missing = [n for n in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(checkpoint, n))]
     if missing:
         what = "the bundled demo checkpoint" if args.checkpoint is None else "--checkpoint"
-        return _fail(f"{what} is missing: no {' or '.join(missing)} in {checkpoint!r}; pass --checkpoint DIR "
-                     "with a model folder (config.json + model.safetensors, as written by megan-fast train)")
+        raise UsageError(f"{what} is missing: no {' or '.join(missing)} in {checkpoint!r}; pass --checkpoint DIR "
+                         "with a model folder (config.json + model.safetensors, as written by megan-fast train)")
 
     import torch
 
-    from megan_fast.evaluation import bicubic_blend, write_json
+    from megan_fast.evaluation import bicubic_blend
     from megan_fast.inference import upscale_frames
-    from megan_fast.models import MEGAN
 
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as exc:
-        return _fail(f"--device {args.device!r}: {exc}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return _fail("--device cuda but no CUDA device is available")
+    device = resolve_device(args.device)
     if device.type == "cpu":
         # Recurrent states of small models decay into denormal floats, which slow CPU arithmetic ~10x.
         torch.set_flush_denormal(True)
-    try:
-        model = MEGAN.from_pretrained(checkpoint).to(device).eval()
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        return _fail(f"cannot load --checkpoint {checkpoint!r}: {exc}")
+    model = load_model(checkpoint, device)
     n_in = model.config.num_input_frames
     if (args.frames + 1) // 2 < n_in:
-        return _fail(f"--frames {args.frames} gives {(args.frames + 1) // 2} LR frames; "
-                     f"the model needs at least {n_in} (--frames {2 * n_in - 1})")
+        raise UsageError(f"--frames {args.frames} gives {(args.frames + 1) // 2} LR frames; "
+                         f"the model needs at least {n_in} (--frames {2 * n_in - 1})")
     h, w = args.size
     try:
         gt, lq = make_demo_clip(args.photo, args.frames, (h, w), args.motion, args.speed, args.seed, args.view_scale)
     except ValueError as exc:
-        return _fail(f"--photo/--motion/--speed: {exc}")
+        raise UsageError(f"--photo/--motion/--speed: {exc}") from None
     params = sum(p.numel() for p in model.parameters())
     print(f"clip: {args.photo!r}, {args.motion}, {args.frames} GT frames {h}x{w}; "
           f"MEGAN input: {lq.shape[0]} LR frames {h // 4}x{w // 4}")
@@ -345,18 +290,18 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(scores))
     print()
 
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(out.path, exist_ok=True)
     rows = [panel_row(t, lq, bicubic, megan, gt) for t in range(gt.shape[0])]
     interp = gt.shape[0] // 2 if (gt.shape[0] // 2) % 2 else gt.shape[0] // 2 - 1  # middle interpolated frame
     strip_frames = [interp - 1, interp]
     strip = torch.cat([rows[strip_frames[0]], rows[0].new_ones(3, GAP, rows[0].shape[-1]), rows[strip_frames[1]]], -2)
     fps = fractions.Fraction(args.fps).limit_denominator(1001)
-    try:
-        _write_video(rows, os.path.join(out_dir, VIDEO_NAME), fps * 2)
-        _write_png(strip, os.path.join(out_dir, STRIP_NAME))
-        _write_frames(megan, os.path.join(out_dir, FRAMES_DIR))
-    except OSError as exc:
-        return _fail(f"cannot write into --output {out_dir!r}: {exc}")
+    from megan_fast.images import save_png
+
+    _write_video(rows, out.child(VIDEO_NAME, _FILES[VIDEO_NAME]), fps * 2)
+    with out.child(STRIP_NAME, _FILES[STRIP_NAME]).atomic_file() as tmp:
+        save_png(strip, tmp)
+    _write_frames(megan, os.path.join(out.path, FRAMES_DIR))
 
     bench = None
     if not args.no_bench:
@@ -382,10 +327,7 @@ def run(args: argparse.Namespace) -> int:
         "strip_frames": strip_frames,
         "files": {"video": VIDEO_NAME, "strip": STRIP_NAME, "frames": FRAMES_DIR},
     }
-    try:
-        write_json(report, os.path.join(out_dir, METRICS_NAME))
-    except OSError as exc:
-        return _fail(f"cannot write into --output {out_dir!r}: {exc}")
+    outputs.write_json(report, out.child(METRICS_NAME, _FILES[METRICS_NAME]), "demo")
 
     m, b = scores["megan"]["all"], scores["bicubic"]["all"]
     print(f"done in {time.perf_counter() - start_all:.1f} s; wrote {os.path.join(out_dir, '')}:")

@@ -1,11 +1,22 @@
-"""``megan-fast`` console script: ``info``, ``bench``, ``demo``, ``train``, ``eval``, ``upscale``."""
+"""``megan-fast`` console script: ``info``, ``bench``, ``demo``, ``train``, ``eval``, ``upscale``.
+
+Every command runs inside :func:`main`, which turns what the user can cause
+into one line on stderr and an exit status, never a traceback:
+:class:`megan_fast.errors.MeganFastError` and failed file operations (status
+2 and 1), Ctrl-C (130) and SIGTERM (143, after the temporaries are removed).
+Warnings print as ``megan-fast CMD: warning: ...``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
+import warnings
+
+from megan_fast.cli._common import Parser, int_at_least, positive_float, resolve_device
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -68,15 +79,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megan-fast", description="Fast MEGAN space-time video super-resolution.")
+    parser = Parser(prog="megan-fast", description="Fast MEGAN space-time video super-resolution.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="which kernels are built and which backend each op uses")
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("bench", help="time the fused ops against the stock implementation")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--backends", default="native,stock", help="comma-separated backends (default: native,stock)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
-    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per measurement")
+    p.add_argument("--threads", type=int_at_least(0), default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--min-time", type=positive_float, default=1.0, help="seconds of timing per measurement")
     p.set_defaults(func=_cmd_bench)
     from megan_fast.cli import demo, train_eval, upscale
 
@@ -86,15 +97,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "bench" and args.device == "cuda":
-        import torch
+@contextlib.contextmanager
+def _one_line_warnings(name: str):
+    """Shows warnings as ``NAME: warning: message`` (no file and line) while a command runs."""
+    previous = warnings.showwarning
 
-        if not torch.cuda.is_available():
-            print("megan-fast bench: --device cuda but no CUDA device is available", file=sys.stderr)
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{name}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megan_fast import outputs
+    from megan_fast.errors import MeganFastError
+
+    args = build_parser().parse_args(argv)
+    name = f"megan-fast {args.command}"
+    with _one_line_warnings(name), outputs.sigterm_raises():
+        try:
+            if args.command == "bench":
+                resolve_device(args.device)
+            return args.func(args)
+        except MeganFastError as exc:
+            print(f"{name}: error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2
-    return args.func(args)
+        except OSError as exc:  # the file system refused (read-only, full, permissions)
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"{name}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            outputs.remove_leftovers()
+            print(f"{name}: interrupted; nothing half-written was left", file=sys.stderr)
+            return 130
+        except outputs.Terminated:
+            outputs.remove_leftovers()
+            print(f"{name}: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
+            return 143
 
 
 if __name__ == "__main__":

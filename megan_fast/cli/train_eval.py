@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+from contextlib import nullcontext
+
+from megan_fast import outputs
+from megan_fast.cli._common import int_at_least, load_model, resolve_device
+from megan_fast.errors import InputError, UsageError
+
+JSON_KIND = outputs.Kind("JSON file")
+EVAL_FRAMES_KIND = outputs.Kind("folder of evaluation frames", folder=True, entries=r"\d{5}\.png", nested=True)
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("train", help="train MEGAN from a YAML config (torchrun for several GPUs or nodes)",
                        description="Iteration-based training; see configs/megan_vimeo90k.yaml for every entry. "
-                       "Run several processes with `torchrun --nproc_per_node N -m megan_fast train ...`.")
+                       "Run several processes with `torchrun --nproc_per_node N -m megan_fast train ...`. "
+                       "The config, data and output folder are checked before anything is written.")
     p.add_argument("--config", required=True, help="YAML training config")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("--output-dir", default=None, help="override output_dir of the config")
-    p.add_argument("--iterations", type=int, default=None, help="override optim.iterations")
-    p.add_argument("--stop-at", type=int, default=None,
+    p.add_argument("--iterations", type=int_at_least(1), default=None, help="override optim.iterations")
+    p.add_argument("--stop-at", type=int_at_least(1), default=None,
                    help="stop after this iteration (checkpointed; the schedule is unchanged) to --resume later")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, per local rank)")
     p.set_defaults(func=_train)
@@ -29,56 +39,78 @@ def add_parsers(sub) -> None:
     p.add_argument("--split", default="test", help="Vimeo-90K list: test, fast, medium or slow")
     p.add_argument("--json", default=None, help="write per-clip and average scores to this JSON file")
     p.add_argument("--save-frames", default=None, help="write the output frames (PNG) under this folder")
-    p.add_argument("--tile", type=int, default=None, help="spatial tile size in input pixels")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --json / --save-frames if they are earlier megan-fast outputs (never anything else)")
+    p.add_argument("--tile", type=int_at_least(4), default=None, help="spatial tile size in input pixels")
     p.add_argument("--device", default=None, help="cpu or cuda")
     p.add_argument("--no-baseline", action="store_true", help="skip the bicubic + frame blending baseline")
     p.set_defaults(func=_eval)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from megan_fast.training import ConfigError, main_train
+    from megan_fast.training import main_train
 
-    try:
-        return main_train(args)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"megan-fast train: error: {exc}", file=sys.stderr)
-        return 2
+    if args.device is not None:
+        resolve_device(args.device)
+    result = main_train(args.config, output_dir=args.output_dir, iterations=args.iterations, resume=args.resume,
+                        device=args.device, stop_at=args.stop_at)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(outputs.dumps(dataclasses.asdict(result)))
+    return 0
 
 
-def _clips(args):
+def _clip_source(args: argparse.Namespace):
+    """The clips of ``--data`` (read and checked now), as a function that yields (name, gt, lq)."""
     from megan_fast import data
 
-    if os.path.isdir(os.path.join(args.data, "sequences")):
-        ds = data.Vimeo90KSeptuplet(args.data, split=args.split, lq_root=args.lq)
-        for i in range(len(ds)):
-            item = ds[i]  # test splits: whole septuplet, LR of frames 1, 3, 5, 7
-            # One 7-frame window whose inputs are the odd frames: the even slots are never read.
-            lq = item["lq"].new_zeros(7, *item["lq"].shape[1:])
-            lq[0::2] = item["lq"]
-            yield item["key"], item["gt"], lq
-        return
-    yield from data.VideoFolderClips(args.data, lq_root=args.lq, mode="eval").iter_clips()
+    try:
+        if os.path.isdir(os.path.join(args.data, "sequences")):
+            ds = data.Vimeo90KSeptuplet(args.data, split=args.split, lq_root=args.lq)
+
+            def vimeo():
+                for i in range(len(ds)):
+                    item = ds[i]  # test splits: whole septuplet, LR of frames 1, 3, 5, 7
+                    # One 7-frame window whose inputs are the odd frames: the even slots are never read.
+                    lq = item["lq"].new_zeros(7, *item["lq"].shape[1:])
+                    lq[0::2] = item["lq"]
+                    yield item["key"], item["gt"], lq
+
+            return vimeo
+        folders = data.VideoFolderClips(args.data, lq_root=args.lq, mode="eval")
+        return folders.iter_clips
+    except (ValueError, OSError) as exc:
+        raise InputError(f"--data {args.data!r}: {exc}") from None
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from megan_fast.evaluation import evaluate, format_table, write_json
-    from megan_fast.models import MEGAN
+    from megan_fast.evaluation import evaluate, format_table
 
     for label, path in (("--checkpoint", args.checkpoint), ("--data", args.data), ("--lq", args.lq)):
         if path is not None and not os.path.isdir(path):
-            print(f"megan-fast eval: error: {label} {path!r} is not a folder", file=sys.stderr)
-            return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            raise InputError(f"{label} {path!r} is not a folder")
+    inputs = [("--checkpoint", args.checkpoint), ("--data", args.data), ("--lq", args.lq)]
+    frames_out = json_out = None
+    if args.save_frames is not None:
+        frames_out = outputs.check_output(args.save_frames, "--save-frames", EVAL_FRAMES_KIND, inputs=inputs,
+                                          overwrite=args.overwrite)
+    if args.json is not None:
+        json_out = outputs.check_output(args.json, "--json", JSON_KIND,
+                                        inputs=[*inputs, ("--save-frames", args.save_frames)],
+                                        overwrite=args.overwrite)
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, device)
+    clips = _clip_source(args)
     try:
-        model = MEGAN.from_pretrained(args.checkpoint).to(device)
-        report = evaluate(model, _clips(args), device=device, tile=args.tile, save_dir=args.save_frames,
-                          baselines=not args.no_baseline, progress=lambda s: print(s, file=sys.stderr))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"megan-fast eval: error: {exc}", file=sys.stderr)
-        return 2
+        with frames_out.atomic_folder() if frames_out else nullcontext() as save_dir:
+            report = evaluate(model, clips(), device=device, tile=args.tile, save_dir=save_dir,
+                              baselines=not args.no_baseline, progress=lambda s: print(s, file=sys.stderr))
+    except (FileNotFoundError, ValueError) as exc:
+        if isinstance(exc, outputs.OutputError):
+            raise
+        raise InputError(f"--data {args.data!r}: {exc}") from None
+    if not report["clips"]:
+        raise UsageError(f"--data {args.data!r}: no clips to score")
     print(format_table(report))
-    if args.json:
-        write_json(report, args.json)
+    if json_out is not None:
+        outputs.write_json(report, json_out, "eval")
     return 0

@@ -4,8 +4,9 @@
 imported on use only: it needs scikit-image, which the library itself does not.
 """
 
-from megan_fast.data.datasets import IMAGE_EXTENSIONS, VideoFolderClips, Vimeo90KSeptuplet, list_images, read_image
+from megan_fast.data.datasets import VideoFolderClips, Vimeo90KSeptuplet
 from megan_fast.data.imresize import bicubic_downscale_x4, imresize
+from megan_fast.images import IMAGE_EXTENSIONS, list_frames, read_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -13,6 +14,6 @@ __all__ = [
     "Vimeo90KSeptuplet",
     "bicubic_downscale_x4",
     "imresize",
-    "list_images",
+    "list_frames",
     "read_image",
 ]

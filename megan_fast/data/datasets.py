@@ -22,14 +22,14 @@ randomness of item ``i`` comes from a ``torch.Generator`` seeded with
 in which they are read; call :meth:`set_epoch` before each epoch (before the
 DataLoader starts its workers, which copy the dataset).
 
-Images are read with Pillow as RGB (8-bit; grey or palette images are
-converted).  Errors name the path and what was expected.
+Frames are listed and read by :mod:`megan_fast.images` (natural order; any
+bit depth, scaled to [0, 1]), as every command reads them.  Errors name the
+path and what was expected.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from typing import Iterator
 
 import numpy as np
@@ -38,46 +38,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from megan_fast.data.imresize import imresize
+from megan_fast.images import list_frames, natural_key, read_image
 
-__all__ = ["IMAGE_EXTENSIONS", "read_image", "list_images", "Vimeo90KSeptuplet", "VideoFolderClips"]
+__all__ = ["Vimeo90KSeptuplet", "VideoFolderClips"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 NUM_GT = 7
 
 
 # --------------------------------------------------------------------------- image I/O
-
-
-def read_image(path: str) -> Tensor:
-    """Reads an image file as a (3, H, W) float32 RGB tensor in [0, 1].
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a readable image (the path is in the message).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
-
-
-def _natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
-def list_images(folder: str) -> list[str]:
-    """Image files (png, jpg, jpeg, bmp) in ``folder``, in natural name order (2 before 10)."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"frame folder not found: {folder}")
-    names = [n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
-    return [os.path.join(folder, n) for n in sorted(names, key=_natural_key)]
 
 
 def _read_frames(paths: list[str]) -> Tensor:
@@ -281,8 +249,8 @@ class Vimeo90KSeptuplet(Dataset):
 class VideoFolderClips(Dataset):
     """Clips stored as one folder of frames each (Vid4, Adobe240, REDS style).
 
-    ``gt_root/<clip>/<frames>`` with frames sorted by name (natural order;
-    png, jpg, jpeg, bmp); ``lq_root/<clip>/`` holds LR versions of every GT
+    ``gt_root/<clip>/<frames>`` with frames sorted by name (natural order,
+    :func:`megan_fast.images.list_frames`); ``lq_root/<clip>/`` holds LR versions of every GT
     frame (same count, GT/scale in each dimension), or LR frames are made on
     the fly.
 
@@ -328,7 +296,7 @@ class VideoFolderClips(Dataset):
         if lq_root is not None and not os.path.isdir(lq_root):
             raise FileNotFoundError(f"VideoFolderClips: LR folder not found: {lq_root}")
         names = [n for n in os.listdir(gt_root) if not n.startswith(".") and os.path.isdir(os.path.join(gt_root, n))]
-        names.sort(key=_natural_key)
+        names.sort(key=natural_key)
         if not names:
             raise FileNotFoundError(f"VideoFolderClips: no clip folders in {gt_root} "
                                     "(expected gt_root/<clip>/<frames>)")
@@ -337,7 +305,7 @@ class VideoFolderClips(Dataset):
         self.gt_paths: dict[str, list[str]] = {}
         self.lq_paths: dict[str, list[str]] = {}
         for name in names:
-            frames = list_images(os.path.join(gt_root, name))
+            frames = list_frames(os.path.join(gt_root, name))
             if len(frames) < need:
                 raise ValueError(f"VideoFolderClips: clip {os.path.join(gt_root, name)} has {len(frames)} frames; "
                                  f"mode {mode!r} needs at least {need}")
@@ -347,7 +315,7 @@ class VideoFolderClips(Dataset):
                 if not os.path.isdir(lq_dir):
                     raise FileNotFoundError(f"VideoFolderClips: LR clip folder not found: {lq_dir} "
                                             f"(GT clip {os.path.join(gt_root, name)})")
-                lq = list_images(lq_dir)
+                lq = list_frames(lq_dir)
                 if len(lq) != len(frames):
                     raise ValueError(f"VideoFolderClips: LR clip {lq_dir} has {len(lq)} frames but GT clip "
                                      f"{os.path.join(gt_root, name)} has {len(frames)}")

@@ -13,8 +13,8 @@ the licence stated in scikit-image's documentation.  scikit-image is needed
 only here (tests and demo), not by the library itself.
 
 The writers (:func:`write_clip_folder`, :func:`write_vimeo_layout`) store
-frames as 8-bit RGB PNGs, each written to a temporary file and moved into
-place with ``os.replace``.
+frames as 8-bit RGB PNGs (:func:`megan_fast.images.write_png`: atomic, and
+never over a file megan-fast did not write).
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from __future__ import annotations
 import functools
 import math
 import os
-import tempfile
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from megan_fast.images import write_png
 
 __all__ = [
     "PHOTOS",
@@ -188,25 +189,6 @@ def make_clip(
     return torch.stack(frames, 0).clamp_(0, 1)
 
 
-def _to_uint8_hwc(frame: Tensor) -> np.ndarray:
-    return frame.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def _write_png(array: np.ndarray, path: str) -> None:
-    from PIL import Image
-
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array, mode="RGB").save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_clip_folder(frames: Tensor, folder: str, pattern: str = "{:05d}.png", start: int = 0) -> list[str]:
     """Writes (t, 3, h, w) frames in [0, 1] as 8-bit RGB PNGs into ``folder`` (created).
 
@@ -226,16 +208,17 @@ def write_clip_folder(frames: Tensor, folder: str, pattern: str = "{:05d}.png", 
     paths = []
     for i, frame in enumerate(frames):
         path = os.path.join(folder, pattern.format(start + i))
-        _write_png(_to_uint8_hwc(frame), path)
+        write_png(frame, path)
         paths.append(path)
     return paths
 
 
 def _write_text(path: str, lines: Sequence[str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    from megan_fast.outputs import Kind, Output
+
+    out = Output(os.path.abspath(path), "file", Kind("list file", entries=".*", by_name=True), True, path)
+    with out.atomic_file() as tmp, open(tmp, "w") as f:
         f.write("".join(f"{line}\n" for line in lines))
-    os.replace(tmp, path)
 
 
 def write_vimeo_layout(

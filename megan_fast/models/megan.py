@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ from megan_fast.models.blocks import (
     lrelu,
     make_residual_trunk,
 )
+from megan_fast.errors import CheckpointError, ConfigError
 from megan_fast.nn import LMGA, NonLocalBlock
 
 CONFIG_NAME = "config.json"
@@ -46,17 +49,58 @@ class MEGANConfig:
     global_skip: bool = False
 
     def __post_init__(self) -> None:
-        if self.num_input_frames < 2:
-            raise ValueError(f"MEGAN: num_input_frames must be >= 2, got {self.num_input_frames}")
+        for f in dataclasses.fields(self):
+            _check_field(f.name, getattr(self, f.name), *_FIELD_RULES[f.name])
         if self.nf % self.deformable_groups != 0:
-            raise ValueError(f"MEGAN: nf ({self.nf}) must be divisible by deformable_groups ({self.deformable_groups})")
-        for name in ("nf", "nonlocal_inner", "tau", "graph_hidden", "deformable_groups"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"MEGAN: {name} must be >= 1, got {getattr(self, name)}")
+            raise ConfigError(f"MEGAN: nf ({self.nf}) must be divisible by deformable_groups ({self.deformable_groups})")
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "MEGAN config") -> "MEGANConfig":
+        """A config from a plain dict (config.json, a YAML ``model:`` entry); unknown keys are an error."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a mapping of config fields, got {type(values).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown field {unknown[0]!r}; known fields: {', '.join(known)}")
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {str(exc).removeprefix('MEGAN: ')}") from None
 
     @property
     def num_output_frames(self) -> int:
         return 2 * self.num_input_frames - 1
+
+
+# field -> (type, minimum or None); "int" excludes bools, "float" takes ints too, "seed" is an int >= 0 or None.
+_FIELD_RULES: dict[str, tuple[str, float | None]] = {
+    "num_input_frames": ("int", 2), "nf": ("int", 1), "front_blocks": ("int", 0), "back_blocks": ("int", 0),
+    "num_pfrdb": ("int", 0), "deformable_groups": ("int", 1), "nonlocal_inner": ("int", 1),
+    "nonlocal_scale": ("positive float", None), "tau": ("int", 1), "graph_layers": ("int", 0),
+    "graph_hidden": ("int", 1), "graph_slope": ("float", None), "memory_seed": ("seed", None),
+    "global_skip": ("bool", None),
+}
+
+
+def _check_field(name: str, value: Any, kind: str, minimum: float | None) -> None:
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"MEGAN: {name} must be true or false, got {value!r}")
+        return
+    if kind == "seed" and value is None:
+        return
+    if kind in ("int", "seed"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"MEGAN: {name} must be an integer, got {value!r}")
+        lo = 0 if kind == "seed" else minimum
+        if lo is not None and value < lo:
+            raise ConfigError(f"MEGAN: {name} must be >= {lo:g}, got {value}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"MEGAN: {name} must be a finite number, got {value!r}")
+    if kind == "positive float" and value <= 0:
+        raise ConfigError(f"MEGAN: {name} must be positive, got {value!r}")
 
 
 class FeatureExtractor(nn.Module):
@@ -104,8 +148,10 @@ class MEGAN(nn.Module):
     def __init__(self, config: MEGANConfig | dict | None = None, **overrides: Any) -> None:
         super().__init__()
         if isinstance(config, dict):
-            config = MEGANConfig(**config)
-        cfg = dataclasses.replace(config or MEGANConfig(), **overrides)
+            config = MEGANConfig.from_dict(config)
+        if overrides:
+            config = MEGANConfig.from_dict({**dataclasses.asdict(config or MEGANConfig()), **overrides})
+        cfg = config or MEGANConfig()
         self.config = cfg
         nf, t_out = cfg.nf, cfg.num_output_frames
         self.features = FeatureExtractor(cfg)
@@ -170,55 +216,85 @@ class MEGAN(nn.Module):
     # ------------------------------------------------------------------ weights I/O
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Writes ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
+        """Writes ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed), each atomically."""
         from safetensors.torch import save_file
+
+        from megan_fast.outputs import Kind, Output, written_by
 
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda path: save_file(state, path, {"format": "pt"}))
-        _atomic_write(
-            os.path.join(directory, CONFIG_NAME),
-            lambda path: open(path, "w").write(json.dumps(self.config_dict(), indent=2) + "\n"),
-        )
+        meta = {"format": "pt", "written_by": written_by()}
+        for name, write in ((WEIGHTS_NAME, lambda path: save_file(state, path, meta)),
+                            (CONFIG_NAME, lambda path: _write_text(path, json.dumps(self.config_dict(), indent=2)))):
+            kind = Kind(name, entries=re.escape(name), by_name=True)  # a model folder's files are replaced by name
+            out = Output(os.path.join(os.path.abspath(directory), name), "file", kind, True, name)
+            with out.atomic_file() as tmp:
+                write(tmp)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "MEGAN":
-        """Builds the model from ``config.json`` and loads ``model.safetensors`` from ``directory``."""
+        """Builds the model from ``config.json`` and loads ``model.safetensors`` from ``directory``.
+
+        Raises:
+            CheckpointError: a missing, unreadable, corrupt or mistyped file,
+                or weights that do not fit the config (one line, naming the file).
+        """
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        directory = os.fspath(directory)
         config_path = os.path.join(directory, CONFIG_NAME)
         weights_path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isdir(directory):
+            raise CheckpointError(f"{directory}: no such checkpoint folder (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
         for path in (config_path, weights_path):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"MEGAN.from_pretrained: {path} not found (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-        with open(config_path) as f:
-            config = json.load(f)
-        model = cls(config)
-        model.load_state_dict(load_file(weights_path, device=str(map_location)))
+                raise CheckpointError(f"{path} not found (a checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{config_path}: not a readable JSON file ({exc})") from None
+        try:
+            model = cls(MEGANConfig.from_dict(config, source=config_path))
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from None
+        try:
+            state = load_file(weights_path, device=str(map_location))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+        try:
+            model.load_state_dict(state)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{weights_path}: {exc}") from None
         return model
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As ``nn.Module.load_state_dict``, with one clear error listing every mismatched shape."""
+        """As ``nn.Module.load_state_dict``; a mismatch is one :class:`CheckpointError` line saying what differs."""
         own = self.state_dict()
         bad = [
             f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
             for k, v in state_dict.items()
-            if k in own and tuple(v.shape) != tuple(own[k].shape)
+            if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
         ]
         if bad:
-            raise ValueError(
-                "MEGAN.load_state_dict: the checkpoint does not fit this model's config (shape mismatch):\n  "
-                + "\n  ".join(bad[:20])
-                + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+            raise CheckpointError(
+                f"the weights do not fit this model's config: {len(bad)} tensor(s) of another shape ("
+                + "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "") + ")"
             )
+        if strict:
+            missing = [k for k in own if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in own]
+            if missing or unexpected:
+                parts = []
+                if missing:
+                    parts.append(f"{len(missing)} missing (e.g. {missing[0]!r})")
+                if unexpected:
+                    parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
+                raise CheckpointError(f"the weights do not fit this model's config: tensors {' and '.join(parts)}")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")

@@ -1,0 +1,94 @@
+"""What the megan-fast commands share: argument types, the device and dtype, the checkpoint, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import warnings
+
+from megan_fast.errors import UsageError
+
+DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "checkpoints", "demo")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``prog: error: message (see prog --help)``, exit status 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(text: str, kind: type, minimum: float, strict: bool, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def int_at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        return _number(text, int, minimum, False, f"an integer >= {minimum}")
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _number(text, float, 0.0, True, "a positive finite number")
+
+
+def resolve_device(text: str | None, arg: str = "--device"):
+    """``cpu``, ``cuda`` or ``cuda:N`` as a torch.device (None: cuda if available, else cpu).
+
+    Raises:
+        UsageError: another name, or a CUDA device this machine does not have.
+    """
+    import torch
+
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise UsageError(f"{arg} {text!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{arg} {text!r}: no CUDA device is available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{arg} {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def compute_dtype(device, name: str):
+    """The autocast dtype for ``--dtype``: float16/bfloat16 only on CUDA (on a CPU: a warning, float32)."""
+    import torch
+
+    dtype = getattr(torch, name)
+    if dtype != torch.float32 and device.type != "cuda":
+        warnings.warn(f"--dtype {name} is for CUDA devices (on a CPU it is many times slower); "
+                      f"running in float32 on {device.type}", stacklevel=2)
+        return torch.float32
+    return dtype
+
+
+def load_model(checkpoint: str, device, arg: str = "--checkpoint"):
+    """The MEGAN of a checkpoint folder, on ``device``, in eval mode; errors name the argument and file."""
+    from megan_fast.errors import CheckpointError
+    from megan_fast.models import MEGAN
+
+    try:
+        return MEGAN.from_pretrained(checkpoint).to(device).eval()
+    except CheckpointError as exc:
+        raise CheckpointError(f"{arg}: {exc}") from None
+
+
+def finite_float(text: str) -> float:
+    """argparse type: any finite number."""
+    return _number(text, float, -math.inf, False, "a finite number")

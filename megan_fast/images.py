@@ -1,0 +1,139 @@
+"""Image files: the one frame listing, image reader and PNG writer of every command and dataset.
+
+Frames are (3, H, W) float32 RGB tensors in [0, 1].
+
+- :func:`list_frames`: the image files of a folder in natural order
+  (``frame2`` before ``frame10``), dotfiles and sub-folders skipped.
+- :func:`read_image`: any bit depth and mode Pillow opens, scaled to [0, 1]
+  (16-bit grey by 65535, never clamped to 8 bits), palettes expanded, alpha
+  dropped, the EXIF orientation applied (a phone photo comes out as shown).
+- :func:`write_png`: 8-bit RGB PNG, marked as megan-fast's (see
+  :mod:`megan_fast.outputs`), written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from megan_fast.errors import InputError, MissingInputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders embedded numbers by value: ``a2`` < ``a10``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name) if part]
+
+
+def list_frames(folder: str) -> list[str]:
+    """Paths of the image files in ``folder`` (extensions :data:`IMAGE_EXTENSIONS`), in natural name order.
+
+    Names starting with a dot (hidden files, editors' and megan-fast's
+    temporaries) and anything that is not a regular file are skipped.
+
+    Raises:
+        MissingInputError: ``folder`` is not a folder (also a FileNotFoundError).
+    """
+    if not os.path.isdir(folder):
+        raise MissingInputError(f"frame folder not found: {folder}")
+    names = [n for n in os.listdir(folder)
+             if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
+             and os.path.isfile(os.path.join(folder, n))]
+    return [os.path.join(folder, n) for n in sorted(names, key=natural_key)]
+
+
+def _open(path: str):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise MissingInputError(f"image not found: {path}")
+    try:
+        img = Image.open(path)
+        img.load()
+        return ImageOps.exif_transpose(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from None
+
+
+def _to_array(img) -> np.ndarray:
+    """A Pillow image as (H, W, 3) float32 in [0, 1]."""
+    if img.mode in _SIXTEEN_BIT:
+        grey = np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode == "I":  # 32-bit integer grey: 16-bit PNGs and TIFFs use 0..65535
+        grey = np.asarray(img, dtype=np.int64).clip(0, 65535).astype(np.float32) / 65535.0
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode == "F":  # floating-point grey (TIFF): taken as [0, 1]
+        grey = np.asarray(img, dtype=np.float32).clip(0, 1)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).astype(np.float32) / 255.0
+
+
+def read_image(path: str) -> Tensor:
+    """Reads an image file as a (3, H, W) float32 RGB tensor in [0, 1].
+
+    Raises:
+        MissingInputError: no file at ``path`` (also a FileNotFoundError).
+        InputError: not a readable image (the path is in the message).
+    """
+    with _open(path) as img:
+        arr = _to_array(img)
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image as :func:`read_image` returns it (EXIF orientation applied), from its header."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def to_uint8(frame: Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8, clamped and rounded."""
+    return frame.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def save_png(frame: Tensor | np.ndarray, path: str) -> None:
+    """Writes a (3, H, W) float frame in [0, 1] (or an (H, W, 3) uint8 array) to ``path`` as a marked 8-bit PNG.
+
+    Not atomic by itself: write into a temporary (:mod:`megan_fast.outputs`)
+    or use :func:`write_png`.
+    """
+    from PIL import Image, PngImagePlugin
+
+    from megan_fast.outputs import written_by
+
+    array = frame if isinstance(frame, np.ndarray) else to_uint8(frame)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", written_by())
+    with open(path, "wb") as f:
+        Image.fromarray(array, mode="RGB").save(f, format="PNG", pnginfo=info)
+
+
+def write_png(frame: Tensor | np.ndarray, path: str) -> None:
+    """:func:`save_png` via a temporary file renamed into place; replaces only an earlier megan-fast PNG.
+
+    Raises:
+        OutputError: ``path`` exists and is not a PNG megan-fast wrote.
+    """
+    from megan_fast.outputs import Kind, Output
+
+    out = Output(os.path.abspath(path), "file", Kind("PNG image"), True, path)
+    out.check_existing()
+    with out.atomic_file() as tmp:
+        save_png(frame, tmp)
