@@ -351,7 +351,8 @@ def load_checkpoint(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # untrusted bytes: any failure is "not a checkpoint"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        first = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(exc).__name__
         raise CheckpointError(f"{path}: not a megan-fast training checkpoint ({first})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a megan-fast training checkpoint (holds a {type(state).__name__})")

@@ -254,7 +254,7 @@ class FrameReader:
         elif self.declared is not None and self.decoded < self.declared:
             out.append(f"{self.path}: decoded {self.decoded} of the {self.declared} frames the file declares "
                        "(truncated or damaged?); the output covers the decoded frames")
-        if self.constant_rate_from is not None:
+        if self.constant_rate_from:  # 0: the stream has no timestamps at all (raw H.264): nothing to tell
             out.append(f"{self.path}: timestamps missing or out of order from frame {self.constant_rate_from}; "
                        "from there on frames are timed at the stream's average rate")
         return out

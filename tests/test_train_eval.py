@@ -141,3 +141,162 @@ def test_eval_on_vimeo_layout(tmp_path, vimeo):
                  "--json", str(out_json), "--device", "cpu"]) == 0
     report = json.loads(out_json.read_text())
     assert list(report["clips"]) == ["00001/0001"] and report["clips"]["00001/0001"]["frames"] == 7
+
+
+# --------------------------------------------------------------------------- safety: checkpoints, configs, outputs
+
+
+def test_planted_checkpoint_is_not_run(tmp_path, vimeo, capsys):
+    cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=2)
+    assert main(["train", "--config", cfg, "--device", "cpu", "--stop-at", "1"]) == 0
+    capsys.readouterr()
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"model": Payload()}, tmp_path / "run" / "checkpoints" / "iter_5.pt")
+    config_before = (tmp_path / "run" / "config.yaml").read_bytes()
+    assert main(["train", "--config", cfg, "--device", "cpu", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "iter_5.pt: not a megan-fast training checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists()  # nothing in the file was run
+    assert (tmp_path / "run" / "config.yaml").read_bytes() == config_before  # a failed resume writes nothing
+    (tmp_path / "run" / "checkpoints" / "iter_5.pt").write_bytes(b"\x00" * 10)
+    assert main(["train", "--config", cfg, "--device", "cpu", "--resume"]) == 2
+    assert "iter_5.pt: not a megan-fast training checkpoint" in capsys.readouterr().err
+    torch.save({"model": {}, "optimizer": {}, "scheduler": {}, "iteration": 1, "rng": {}},
+               tmp_path / "run" / "checkpoints" / "iter_5.pt")
+    assert main(["train", "--config", cfg, "--device", "cpu", "--resume"]) == 2
+    assert "does not fit this run's config" in capsys.readouterr().err
+
+
+def test_stray_files_in_the_checkpoint_folder_are_left_alone(tmp_path, vimeo):
+    cfg = load_config(write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=3))
+    cfg["logging"]["keep_checkpoints"] = 1
+    train(cfg, device="cpu", progress=False, stop_at=1)
+    ckpts = tmp_path / "run" / "checkpoints"
+    for stray in ("iter_2.pt.tmp-1234", ".megan-fast-abcd.pt", "notes.txt", "iter_x.pt"):
+        (ckpts / stray).write_text("stray")
+    result = train(cfg, resume=True, device="cpu", progress=False)
+    assert result.iteration == 3
+    assert sorted(os.listdir(ckpts)) == sorted(["iter_3.pt", "iter_2.pt.tmp-1234", ".megan-fast-abcd.pt",
+                                               "notes.txt", "iter_x.pt"])
+    # Checkpoints hold plain data only: they load with weights_only=True.
+    state = torch.load(ckpts / "iter_3.pt", weights_only=True)
+    assert state["iteration"] == 3 and isinstance(state["rng"]["torch"][0], torch.Tensor)
+
+
+def test_config_entries_are_typed_and_ranged_at_load(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    root = "data: {train: {root: x}}\n"
+    for text, message in [
+        ("optim: {lr: '1e-4'}\n" + root, r"optim.lr must be a number, got '1e-4' \(write numbers without quotes\)"),
+        ("data: {train: {root: x, crop: 0}}", "data.train.crop must be >= 1"),
+        ("logging: {save_every: 0}\n" + root, "logging.save_every must be >= 1"),
+        ("logging: {val_every: -1}\n" + root, "logging.val_every must be >= 1"),
+        ("logging: {print_every: 1.5}\n" + root, "logging.print_every must be an integer"),
+        ("logging: {tensorboard: 1}\n" + root, "logging.tensorboard must be true or false"),
+        ("model: {front_blocks: -1}\n" + root, "model: front_blocks must be >= 0"),
+        ("model: {nf: true}\n" + root, "model: nf must be an integer"),
+        ("model: {nfx: 8}\n" + root, "model: unknown field 'nfx'"),
+        ("optim: {iterations: 10.0}\n" + root, "optim.iterations must be an integer"),
+        ("optim: {betas: [0.9]}\n" + root, "optim.betas must be a list of two numbers"),
+        ("optim: {ema_decay: 1}\n" + root, r"optim.ema_decay must be in \[0, 1\)"),
+        ("optim: {lr: .nan}\n" + root, "optim.lr must be positive"),
+        ("data: {batch_size: 0, train: {root: x}}", "data.batch_size must be >= 1"),
+        ("data: {train: {root: x}, val: {type: folder, root: 3}}", "data.val.root must be a non-empty string"),
+        ("data: {train: {type: photos, photos: chelsea}}", "data.train.photos must be a non-empty list"),
+        ("optim: 3\n" + root, "optim must be a mapping"),
+        ("seed: -1\n" + root, "seed must be >= 0"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(str(bad))
+    bad.write_text("optim: {lr: 1e-4}\n" + root)  # YAML 1.1 reads this as a string; we read a number
+    assert load_config(str(bad))["optim"]["lr"] == 1e-4
+
+
+def test_everything_is_checked_before_anything_is_written(tmp_path, vimeo, capsys):
+    # A bad validation set, a missing data folder or a bad output_dir fail at once, and leave nothing.
+    cases = [
+        ({"data": {"val": {"type": "folder", "root": str(tmp_path / "missing")}}}, "data.val"),
+        ({"data": {"train": {"type": "vimeo90k", "root": str(tmp_path / "missing"), "crop": 4}}}, "data.train"),
+    ]
+    for change, message in cases:
+        cfg = yaml.safe_load(open(write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run")))
+        for key, value in change["data"].items():
+            cfg["data"][key] = value
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["train", "--config", str(tmp_path / "c.yaml"), "--device", "cpu"]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
+    cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run")
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", "--config", cfg, "--output-dir", str(tmp_path / "afile"), "--device", "cpu"]) == 2
+    assert "is a file, but a training run folder" in capsys.readouterr().err
+    assert main(["train", "--config", cfg, "--output-dir", vimeo + "/runs", "--device", "cpu"]) == 2
+    assert "lies inside the input data.train.root" in capsys.readouterr().err
+    assert main(["train", "--config", cfg, "--output-dir", "", "--device", "cpu"]) == 2
+    assert "output_dir is empty" in capsys.readouterr().err
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "mine.txt").write_text("x")
+    assert main(["train", "--config", cfg, "--output-dir", str(tmp_path / "used"), "--device", "cpu"]) == 2
+    assert "is not empty (it holds 'mine.txt'); pass --resume" in capsys.readouterr().err
+    assert main(["train", "--config", cfg, "--device", "bogus"]) == 2
+    assert "--device 'bogus'" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["afile", "c.yaml", "used"]
+
+
+def test_cli_numbers_are_ranged_and_results_are_strict_json(tmp_path, vimeo, capsys):
+    cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=1)
+    for flag in ("--iterations", "--stop-at"):
+        for value in ("-3", "0", "x"):
+            with pytest.raises(SystemExit) as exc:
+                main(["train", "--config", cfg, flag, value])
+            assert exc.value.code == 2
+            assert f"argument {flag}: expected an integer >= 1" in capsys.readouterr().err
+    assert main(["train", "--config", cfg, "--device", "cpu"]) == 0
+    capsys.readouterr()
+    # Resuming a finished run trains nothing: the last loss is unknown, written as null, not NaN.
+    assert main(["train", "--config", cfg, "--device", "cpu", "--resume"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert result["iteration"] == 1 and result["last_loss"] is None and "notes" in result
+
+
+def test_eval_checks_its_outputs_first_and_writes_strict_json(tmp_path, capsys, monkeypatch):
+    from megan_fast.data.imresize import imresize
+    from megan_fast.evaluation import bicubic_blend
+
+    torch.manual_seed(0)
+    MEGAN(**TINY, global_skip=True).save_pretrained(tmp_path / "ckpt")  # output = bicubic + blending exactly
+    # A clip whose ground truth is exactly the baseline's output: PSNR is infinite.
+    lq7 = imresize(synthetic.make_clip("coffee", 7, size=(16, 16), seed=1), scale=0.25).clamp(0, 1)
+    lq7 = lq7.mul(255).round().div(255)
+    gt = bicubic_blend(lq7[0::2]).clamp(0, 1).mul(255).round().div(255)
+    synthetic.write_clip_folder(gt, str(tmp_path / "gt" / "a"))
+    synthetic.write_clip_folder(lq7, str(tmp_path / "lq" / "a"))
+    args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "gt"), "--lq",
+            str(tmp_path / "lq"), "--device", "cpu"]
+    import megan_fast.evaluation as evaluation
+
+    real_evaluate = evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking outputs"))
+    assert main([*args, "--json", str(tmp_path / "missing" / "s.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([*args, "--json", str(tmp_path / "gt" / "s.json")]) == 2
+    assert "lies inside the input --data" in capsys.readouterr().err
+    assert main([*args, "--save-frames", str(tmp_path / "lq")]) == 2
+    assert "is the input --lq" in capsys.readouterr().err
+    monkeypatch.setattr(evaluation, "evaluate", real_evaluate)
+    out = tmp_path / "s.json"
+    assert main([*args, "--json", str(out), "--save-frames", str(tmp_path / "frames")]) == 0
+    report = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert report["clips"]["a"]["psnr_y"] is None and report["clips"]["a"]["ssim_y"] == pytest.approx(1.0)
+    assert any("clips.a.psnr_y was inf" in n for n in report["notes"])
+    assert main([*args, "--json", str(out)]) == 2  # exists: --overwrite needed
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--json", str(out), "--save-frames", str(tmp_path / "frames"), "--overwrite"]) == 0
+    assert sorted(os.listdir(tmp_path / "frames" / "a")) == [f"{i:05d}.png" for i in range(7)]

@@ -11,54 +11,21 @@ import torch
 
 av = pytest.importorskip("av", reason="PyAV is needed for video files")
 
+from _media import audio_packets, decoded, make_video, raw_h264, save_small_model, snapshot, write_png16  # noqa: E402
+
 from megan_fast import video  # noqa: E402
 from megan_fast.cli.main import main  # noqa: E402
-from megan_fast.models import MEGAN  # noqa: E402
-
-SMALL = dict(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1, num_pfrdb=1, nonlocal_inner=4,
-             graph_hidden=4, tau=2)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "small"
-    MEGAN(**SMALL).save_pretrained(path)
-    return str(path)
+    return save_small_model(tmp_path_factory.mktemp("ckpt") / "small")
 
 
-def make_video(path, frames=6, w=16, h=12, fps=10, audio=True):
-    c = av.open(str(path), "w")
-    vs = c.add_stream("libx264", rate=fps)
-    vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
-    a = c.add_stream("aac", rate=16000) if audio else None
-    rng = np.random.default_rng(0)
-    for _ in range(frames):
-        f = av.VideoFrame.from_ndarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), format="rgb24")
-        for p in vs.encode(f):
-            c.mux(p)
-    for p in vs.encode():
-        c.mux(p)
-    if a is not None:
-        pts = 0
-        for _ in range(12):
-            af = av.AudioFrame.from_ndarray(rng.standard_normal((1, 1024)).astype(np.float32) * 0.1,
-                                            format="fltp", layout="mono")
-            af.sample_rate, af.pts = 16000, pts
-            pts += 1024
-            for p in a.encode(af):
-                c.mux(p)
-        for p in a.encode():
-            c.mux(p)
-    c.close()
-    return str(path)
-
-
-def audio_packets(path):
-    with av.open(path) as c:
-        if not c.streams.audio:
-            return None
-        return [bytes(p) for p in c.demux(c.streams.audio[0]) if p.dts is not None]
+@pytest.fixture(scope="module")
+def skip_model(tmp_path_factory):
+    """A model whose output is exactly bicubic x4 + frame blending (global skip, last conv zero)."""
+    return save_small_model(tmp_path_factory.mktemp("ckpt") / "skip", global_skip=True)
 
 
 def test_video_round_trip_keeps_audio(tmp_path, checkpoint, capsys):
@@ -130,3 +97,269 @@ def test_interrupted_run_leaves_no_output(tmp_path, checkpoint, monkeypatch):
     assert main(["upscale", src, str(dst), "--checkpoint", checkpoint]) == 130
     assert not dst.exists()
     assert [n for n in os.listdir(tmp_path) if n.startswith(".megan-fast-")] == []
+
+
+# --------------------------------------------------------------------------- output safety
+
+
+def _leftovers(folder) -> list[str]:
+    return [n for n in os.listdir(folder) if n.startswith(".megan-fast-")]
+
+
+def test_empty_output_is_an_error_and_the_working_folder_is_untouched(tmp_path, checkpoint, capsys, monkeypatch):
+    src = make_video(tmp_path / "in.mp4", audio=False)
+    (tmp_path / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        assert main(["upscale", src, "", "--checkpoint", checkpoint, *extra]) == 2
+        assert "OUTPUT is empty" in capsys.readouterr().err
+    assert main(["upscale", src, ".", "--checkpoint", checkpoint, "--overwrite"]) == 2
+    assert "working folder" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
+def test_output_folder_that_contains_the_input_is_refused(tmp_path, checkpoint, capsys):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    src = make_video(proj / "clip.mp4", audio=False)
+    (proj / "other.txt").write_text("neighbour")
+    before = snapshot(tmp_path)
+    assert main(["upscale", src, str(proj), "--checkpoint", checkpoint, "--overwrite"]) == 2
+    assert "contains the input INPUT" in capsys.readouterr().err
+    assert main(["upscale", src, str(tmp_path / "ckpt_out"), "--checkpoint", str(tmp_path)]) == 2
+    assert "lies inside the input --checkpoint" in capsys.readouterr().err
+    assert main(["upscale", str(proj), str(proj / "up"), "--checkpoint", checkpoint]) == 2
+    assert "lies inside the input INPUT" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
+def test_overwrite_replaces_only_megan_fast_outputs(tmp_path, checkpoint, capsys):
+    src = make_video(tmp_path / "in.mp4", audio=False)
+    theirs = tmp_path / "theirs.mp4"
+    make_video(theirs, audio=False)  # a video the user made
+    before = theirs.read_bytes()
+    assert main(["upscale", src, str(theirs), "--checkpoint", checkpoint, "--overwrite"]) == 2
+    assert "not a video file that megan-fast wrote" in capsys.readouterr().err
+    assert theirs.read_bytes() == before
+    ours = tmp_path / "ours.mp4"
+    assert main(["upscale", src, str(ours), "--checkpoint", checkpoint]) == 0
+    assert main(["upscale", src, str(ours), "--checkpoint", checkpoint]) == 2  # exists: needs --overwrite
+    assert main(["upscale", src, str(ours), "--checkpoint", checkpoint, "--overwrite"]) == 0
+    # Frame folders: a folder of the user's PNGs named like ours is not ours.
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(frames / "000000.png")
+    assert main(["upscale", src, str(frames), "--checkpoint", checkpoint, "--overwrite"]) == 2
+    assert "'000000.png' is not" in capsys.readouterr().err
+    assert os.listdir(frames) == ["000000.png"]
+    up = tmp_path / "up"
+    assert main(["upscale", src, str(up), "--checkpoint", checkpoint]) == 0
+    assert main(["upscale", src, str(up), "--checkpoint", checkpoint, "--overwrite"]) == 0
+    assert len(os.listdir(up)) == 11 and _leftovers(tmp_path) == []
+
+
+def test_file_where_a_folder_is_expected_fails_before_any_work(tmp_path, checkpoint, capsys, monkeypatch):
+    src = make_video(tmp_path / "in.mp4", audio=False)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir.mp4").mkdir()
+    import megan_fast.cli._common as common
+
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["upscale", src, str(tmp_path / "afile"), "--checkpoint", checkpoint, "--overwrite"]) == 2
+    assert "is a file, but a folder of PNG frames" in capsys.readouterr().err
+    assert main(["upscale", src, str(tmp_path / "adir.mp4"), "--checkpoint", checkpoint, "--overwrite"]) == 2
+    assert "is a folder, but a video file" in capsys.readouterr().err
+    assert main(["upscale", src, str(tmp_path / "missing" / "o.mp4"), "--checkpoint", checkpoint]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_containers_that_cannot_hold_the_stream_are_refused_before_work(tmp_path, checkpoint, capsys):
+    with_aac = make_video(tmp_path / "a.mp4", audio=True)
+    silent = make_video(tmp_path / "s.mp4", audio=False)
+    for name in ("o.avi", "o.gif", "o.png"):
+        assert main(["upscale", silent, str(tmp_path / name), "--checkpoint", checkpoint]) == 2
+        assert "is not written" in capsys.readouterr().err
+    assert main(["upscale", with_aac, str(tmp_path / "o.webm"), "--checkpoint", checkpoint]) == 2
+    err = capsys.readouterr().err
+    assert "aac audio cannot be stored in .webm" in err and "use .mkv" in err
+    assert not (tmp_path / "o.webm").exists() and _leftovers(tmp_path) == []
+    # Each container gets a codec it can hold: VP9 in WebM, H.264 elsewhere.
+    for ext, codec in ((".webm", "vp9"), (".mkv", "h264"), (".mov", "h264")):
+        out = str(tmp_path / f"ok{ext}")
+        assert main(["upscale", silent, out, "--checkpoint", checkpoint]) == 0
+        with av.open(out) as c:
+            assert c.streams.video[0].codec_context.name == codec
+            assert len(list(c.decode(video=0))) == 11
+    out = str(tmp_path / "ok_audio.mkv")
+    assert main(["upscale", with_aac, out, "--checkpoint", checkpoint]) == 0
+    assert audio_packets(out) == audio_packets(with_aac)
+
+
+def test_outputs_get_the_umask_mode(tmp_path, checkpoint):
+    src = make_video(tmp_path / "in.mp4", audio=False)
+    old = os.umask(0o027)
+    try:
+        assert main(["upscale", src, str(tmp_path / "o.mp4"), "--checkpoint", checkpoint]) == 0
+        assert main(["upscale", src, str(tmp_path / "o"), "--checkpoint", checkpoint]) == 0
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "o.mp4").st_mode & 0o777 == 0o640
+    assert os.stat(tmp_path / "o").st_mode & 0o777 == 0o750
+    assert os.stat(tmp_path / "o" / "000000.png").st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+@pytest.mark.parametrize("out_name", ["up.mp4", "up_frames"])
+def test_signals_remove_the_temporary_and_print_one_line(tmp_path, checkpoint, sig, code, out_name):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = make_video(tmp_path / "long.mp4", frames=400, w=32, h=24, audio=False)
+    proc = subprocess.Popen([sys.executable, "-m", "megan_fast", "upscale", src, out_name, "--checkpoint",
+                             checkpoint], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not _leftovers(tmp_path) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the signal could be sent"
+    time.sleep(0.3)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "nothing half-written" in err
+    assert sorted(os.listdir(tmp_path)) == ["long.mp4"]
+
+
+# --------------------------------------------------------------------------- input fidelity
+
+
+def test_frame_folder_is_read_in_natural_order(tmp_path, skip_model):
+    from PIL import Image
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    levels = [10 * (i + 1) for i in range(10)]  # frame1 .. frame10: 10, 20, ..., 100
+    for i, level in enumerate(levels):
+        Image.fromarray(np.full((8, 8, 3), level, np.uint8)).save(frames / f"frame{i + 1}.png")
+    (frames / ".hidden.png").write_bytes(b"not an image")
+    up = tmp_path / "up"
+    assert main(["upscale", str(frames), str(up), "--checkpoint", skip_model]) == 0
+    got = [int(np.asarray(Image.open(up / f"{2 * i:06d}.png"))[..., 0].mean().round()) for i in range(10)]
+    assert got == levels
+
+
+def test_16_bit_and_paletted_frames_are_scaled_not_clamped(tmp_path, skip_model):
+    from PIL import Image
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):
+        write_png16(str(frames / f"{i}.png"), np.full((8, 8), 32768, np.uint16))  # mid grey, 16-bit
+    pal = Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).convert("P", palette=Image.ADAPTIVE)
+    pal.save(frames / "4.png")
+    up = tmp_path / "up"
+    assert main(["upscale", str(frames), str(up), "--checkpoint", skip_model]) == 0
+    first = np.asarray(Image.open(up / "000000.png"))
+    assert abs(first.mean() - 128) < 1  # 32768/65535 of white, not white
+    last = np.asarray(Image.open(up / "000008.png"))
+    assert abs(last.mean() - 200) < 1
+
+
+def test_mixed_frame_sizes_fail_before_work(tmp_path, checkpoint, capsys):
+    from PIL import Image
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(5):
+        Image.fromarray(np.zeros((8, 8 if i != 3 else 10, 3), np.uint8)).save(frames / f"{i}.png")
+    assert main(["upscale", str(frames), str(tmp_path / "up"), "--checkpoint", checkpoint]) == 2
+    assert "3.png is 10x8 but 0.png is 8x8" in capsys.readouterr().err
+    assert not (tmp_path / "up").exists()
+
+
+def test_resolution_change_mid_stream_is_a_clear_error(tmp_path, checkpoint, capsys):
+    src = tmp_path / "change.h264"
+    src.write_bytes(raw_h264(16, 12, 5) + raw_h264(24, 16, 5))
+    assert main(["upscale", str(src), str(tmp_path / "o.mp4"), "--checkpoint", checkpoint]) == 2
+    assert "frame 5 is 24x16 but the clip started at 16x12" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["change.h264"]
+
+
+def test_truncated_video_warns_how_many_frames_were_decoded(tmp_path, checkpoint, capsys):
+    full = make_video(tmp_path / "full.mp4", frames=40, audio=False, options={"movflags": "faststart"})
+    data = open(full, "rb").read()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.7)])
+    assert video.probe(str(cut)).num_frames == 40  # the container still declares 40
+    n = len(list(video.read_frames(str(cut))))
+    assert 4 <= n < 40
+    out = str(tmp_path / "o.mp4")
+    assert main(["upscale", str(cut), out, "--checkpoint", checkpoint]) == 0
+    err = capsys.readouterr().err
+    assert f"decoded {n} of the 40 frames the file declares" in err
+    assert len(decoded(out)[1]) == 2 * n - 1
+
+
+def test_rotated_video_comes_out_as_it_is_shown(tmp_path, skip_model):
+    pictures = []
+    for _ in range(5):
+        pic = np.zeros((12, 16, 3), np.uint8)
+        pic[:4, :4] = 255  # a white block at the top left of the stored picture
+        pictures.append(pic)
+    src = make_video(tmp_path / "phone.mp4", frames=5, audio=False, rotation=90, pictures=pictures)
+    info = video.probe(src)
+    assert (info.width, info.height) == (12, 16) and "counter-clockwise" in info.orientation
+    out = str(tmp_path / "o.mp4")
+    assert main(["upscale", src, out, "--checkpoint", skip_model]) == 0
+    _, frames = decoded(out)
+    first = frames[0][..., 0].astype(float)
+    assert first.shape == (64, 48)
+    # Turned 90 degrees counter-clockwise: the top-left block is now at the bottom left.
+    assert first[-12:, :12].mean() > 200 and first[:12, :12].mean() < 60 and first[-12:, -12:].mean() < 60
+
+
+def test_variable_frame_rate_keeps_the_input_timestamps(tmp_path, checkpoint):
+    times = [0.0, 0.1, 0.15, 0.4, 0.45, 0.9]
+    src = make_video(tmp_path / "vfr.mkv", frames=6, audio=True, times=times)
+    out = str(tmp_path / "o.mkv")
+    assert main(["upscale", src, out, "--checkpoint", checkpoint]) == 0
+    got, _ = decoded(out)
+    want = []
+    for a, b in zip(times, times[1:]):
+        want += [a, (a + b) / 2]
+    want.append(times[-1])
+    assert got == pytest.approx(want, abs=1e-3)
+    assert audio_packets(out) == audio_packets(src)
+
+
+def test_bad_numbers_and_devices_are_one_line_errors(tmp_path, checkpoint):
+    import subprocess
+    import sys
+
+    src = make_video(tmp_path / "in.mp4", audio=False)
+    cases = [(["--fps", "nan"], "--fps"), (["--fps", "inf"], "--fps"), (["--fps", "0"], "--fps"),
+             (["--fps", "-5"], "--fps"), (["--tile", "2"], "--tile"), (["--tile", "8", "--tile-overlap", "8"],
+                                                                          "--tile-overlap"),
+             (["--device", "bogus"], "--device 'bogus'"), (["--device", "cuda:7"], "--device 'cuda:7'")]
+    for extra, needle in cases:
+        res = subprocess.run([sys.executable, "-m", "megan_fast", "upscale", src, str(tmp_path / "o.mp4"),
+                              "--checkpoint", checkpoint, *extra], capture_output=True, text=True)
+        assert res.returncode == 2, (extra, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and needle in res.stderr, (extra, res.stderr)
+    assert sorted(os.listdir(tmp_path)) == ["in.mp4"]
+
+
+def test_half_precision_on_a_cpu_warns_and_runs_float32(tmp_path, checkpoint, capsys):
+    src = make_video(tmp_path / "in.mp4", audio=False)
+    assert main(["upscale", src, str(tmp_path / "a"), "--checkpoint", checkpoint, "--device", "cpu"]) == 0
+    assert main(["upscale", src, str(tmp_path / "b"), "--checkpoint", checkpoint, "--device", "cpu",
+                 "--dtype", "bfloat16"]) == 0
+    assert "warning: --dtype bfloat16 is for CUDA devices" in capsys.readouterr().err
+    from PIL import Image
+
+    for name in sorted(os.listdir(tmp_path / "a")):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / name)), np.asarray(Image.open(tmp_path / "b" / name)))

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     info = video.probe(src, folder_fps=args.fps)
     out_w, out_h = 4 * info.width, 4 * info.height
     if fmt:
-        video.check_video_output(out.path, out_w, out_h, src if info.has_audio else None)
+        video.check_video_output(args.output, out_w, out_h, src if info.has_audio else None)
     model = load_model(checkpoint, device)
     n_in = model.config.num_input_frames
     if info.num_frames is not None and info.num_frames < n_in:
