@@ -1,4 +1,4 @@
-"""The evaluation protocol of space-time video super-resolution papers (DESIGN.md section 4).
+"""The evaluation protocol of space-time video super-resolution papers (docs/DESIGN.md section 4).
 
 For a clip of T ground-truth frames: output windows of 2*n_in - 1 = 7 frames
 advance by 6, the last one aligned to the end; the model's inputs are the

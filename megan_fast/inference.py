@@ -4,7 +4,7 @@ A clip of t low-resolution frames at a low frame rate becomes 2t - 1 frames at
 4x the resolution.  The model sees n_in frames at a time (4 for MEGAN): windows
 of n_in input frames (2*n_in - 1 = 7 output frames) advance by n_in - 1 input
 frames (6 output frames), and the last window is aligned to the end of the
-clip, as in the evaluation protocol of DESIGN.md section 4.  Output frame 2i
+clip, as in the evaluation protocol of docs/DESIGN.md section 4.  Output frame 2i
 re-makes input frame i.  Where windows overlap, a frame is taken from the
 earliest window that makes it.
 

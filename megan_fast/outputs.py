@@ -1,6 +1,6 @@
 """Output safety: the one module through which every megan-fast command writes a user-visible path.
 
-The rules (docs/DESIGN.md, "Users' files"):
+The rules (docs/DESIGN.md section 5, "Users' files"):
 
 1. :func:`check_output` runs before any work.  An empty path is an error; an
    output may not be, contain or lie inside any input, nor be or contain the
@@ -238,16 +238,22 @@ class Output:
     def _describe(self) -> str:
         return f"{self.arg} {self.shown!r}"
 
-    def check_existing(self) -> None:
-        """Raises OutputError unless the path is free, or an earlier output of this kind that may be replaced."""
+    def _check_type(self) -> bool:
+        """Whether the path exists; raises OutputError if it is a link, or a file where a folder goes (or the reverse)."""
         if not os.path.lexists(self.path):
-            return
+            return False
         if os.path.islink(self.path):
             raise OutputError(f"{self._describe()} is a symbolic link; give the path of a new file or folder")
         if os.path.isdir(self.path) != self.kind.folder:
             found = "folder" if os.path.isdir(self.path) else "file"
             raise OutputError(f"{self._describe()} is a {found}, but a {self.kind.what} is written there; "
                               "choose another path")
+        return True
+
+    def check_existing(self) -> None:
+        """Raises OutputError unless the path is free, or an earlier output of this kind that may be replaced."""
+        if not self._check_type():
+            return
         if not self.overwrite:
             raise OutputError(f"{self._describe()} exists; pass --overwrite to replace it")
         foreign = self.kind.foreign(self.path)
@@ -380,13 +386,7 @@ def check_output(
         raise OutputError(f"{out._describe()}: {folder!r} {what}; create the folder first or choose another path")
     if existing == "replace":
         out.check_existing()
-    elif os.path.lexists(out.path):
-        if os.path.islink(out.path):
-            raise OutputError(f"{out._describe()} is a symbolic link; give the path of a new file or folder")
-        if os.path.isdir(out.path) != kind.folder:
-            found = "folder" if os.path.isdir(out.path) else "file"
-            raise OutputError(f"{out._describe()} is a {found}, but a {kind.what} is written there; "
-                              "choose another path")
+    elif out._check_type():
         if existing == "fill" and not overwrite:
             foreign = kind.foreign(out.path)
             if foreign is not None:

@@ -128,7 +128,7 @@ class MEGAN(nn.Module):
     alignment synthesising the feature of each in-between frame),
     ``convlstm`` (bidirectional deformable ConvLSTM), ``lmga`` (long-range
     memory graph aggregation), ``pfrdbs`` (progressive fusion) and
-    ``reconstruction`` (residual trunk + PixelShuffle x4), DESIGN.md section 3.
+    ``reconstruction`` (residual trunk + PixelShuffle x4), docs/DESIGN.md section 3.
 
     Args:
         config: a :class:`MEGANConfig`, or None; keyword arguments override its fields.

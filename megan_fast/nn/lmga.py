@@ -51,7 +51,7 @@ def _conv3x3(cin: int, cout: int) -> nn.Conv2d:
 
 
 class LMGA(nn.Module):
-    """Long-range memory graph aggregation (DESIGN.md section 3.4).
+    """Long-range memory graph aggregation (docs/DESIGN.md section 3).
 
     For every key frame t of a sequence of T frame features, a graph of
     p = tau + 1 nodes: node 0 is F_t, node j is ``N_g(cat(F_t, F_mem_j))`` for

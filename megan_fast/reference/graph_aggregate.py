@@ -15,7 +15,7 @@ def graph_aggregate_reference(
     negative_slope: float = 0.2,
     return_adjacency: bool = False,
 ):
-    """The formula of DESIGN.md section 2, literally.
+    """The formula of docs/DESIGN.md section 2, literally.
 
     nodes (b, p, c, h, w), w1 (hd, c), b1 (hd,), w2 (hd,) -> out (b, p, c, h, w)
     and, if ``return_adjacency``, A (b, p, p, h, w).  Stores the (b, p, p, c, h, w)
