@@ -23,6 +23,10 @@ class CheckpointError(MeganFastError, ValueError):
     """A checkpoint that cannot be read, is not of the expected kind, or does not fit its model."""
 
 
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """A checkpoint folder or file that does not exist."""
+
+
 class InputError(MeganFastError, ValueError):
     """An input file or folder that cannot be read as what it should be (image, video, frame folder)."""
 

@@ -55,10 +55,11 @@ def _open(path: str):
     if not os.path.isfile(path):
         raise MissingInputError(f"image not found: {path}")
     try:
-        img = Image.open(path)
-        img.load()
-        return ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        with Image.open(path) as img:
+            img.load()
+            turned = ImageOps.exif_transpose(img)
+            return turned if turned is not img else img.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from None
 
 
@@ -97,8 +98,10 @@ def image_size(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             w, h = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            # A PNG's getexif() decodes the whole image when it finds no eXIf chunk before the pixels.
+            has_exif = img.format != "PNG" or "exif" in img.info
+            orientation = img.getexif().get(0x0112, 1) if has_exif else 1
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from None
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 

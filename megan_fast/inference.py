@@ -20,13 +20,18 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
+from megan_fast.errors import InputError
 from megan_fast.models import MEGAN
+
+
+class TooShortError(InputError):
+    """A clip with fewer frames than the model's window (also a ValueError)."""
 
 
 def window_starts(num_frames: int, n_in: int) -> list[int]:
     """Input index of the first frame of each window (last window aligned to the end)."""
     if num_frames < n_in:
-        raise ValueError(f"the clip has {num_frames} frames but the model needs at least {n_in}")
+        raise TooShortError(f"the clip has {num_frames} frames but the model needs at least {n_in}")
     stride = n_in - 1
     starts = list(range(0, num_frames - n_in + 1, stride))
     if starts[-1] != num_frames - n_in:
@@ -130,7 +135,7 @@ def iter_upscale(
                     emitted += 1
             next_start += stride
     if seen < n_in:
-        raise ValueError(f"the clip has {seen} frames but the model needs at least {n_in}")
+        raise TooShortError(f"the clip has {seen} frames but the model needs at least {n_in}")
     if emitted < 2 * seen - 1:  # last window, aligned to the end
         start = seen - n_in
         out = run()

@@ -41,6 +41,9 @@ from typing import Any, Iterable, Iterator
 from megan_fast.errors import OutputError
 
 TMP_PREFIX = ".megan-fast-"
+# The names tempfile gives our temporaries (prefix + 8 random characters + the target's extension), and the
+# "-old" name of a folder being replaced: an earlier run killed outright (SIGKILL) may have left them.
+TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"[a-z0-9_]{8}(\.[A-Za-z0-9]+)?(-old)?")
 MARK = "megan-fast"
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".webm", ".avi")  # files recognised as videos (not all are written)
 
@@ -121,7 +124,7 @@ class Kind:
             return None if is_ours(path) else path
         for name in sorted(os.listdir(path)):
             entry = os.path.join(path, name)
-            if name.startswith(TMP_PREFIX) and not os.path.islink(entry):
+            if TMP_NAME.fullmatch(name) and not os.path.islink(entry):
                 continue
             if os.path.isdir(entry) and not os.path.islink(entry):
                 if not self.nested:
@@ -172,26 +175,54 @@ class Terminated(BaseException):
     """Raised in the main thread on SIGTERM while :func:`sigterm_raises` is active (exit status 143)."""
 
 
+_signalled: list[int] = []  # signals whose exception may have been swallowed (raised inside an "ignored" context)
+
+
+def raise_if_signalled() -> None:
+    """Raises KeyboardInterrupt or :class:`Terminated` for a signal whose first exception was lost.
+
+    A signal handler's exception raised inside, say, an at-fork callback or
+    a ``__del__`` is printed as "Exception ignored" and dropped; long loops
+    call this once per step so that such a signal still ends the run.
+    """
+    if _signalled:
+        signum = _signalled.pop()
+        _signalled.clear()
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """Turns SIGTERM into :class:`Terminated`, so that ``finally`` blocks remove temporaries as for Ctrl-C."""
+    """SIGTERM raises :class:`Terminated` and SIGINT KeyboardInterrupt, so ``finally`` blocks remove temporaries.
+
+    Each signal is also remembered for :func:`raise_if_signalled`.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def on_sigterm(signum, frame):
-        raise Terminated()
+    def on_signal(signum, frame):
+        _signalled.append(signum)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _signalled.clear()
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Delays SIGINT and SIGTERM to the end of the block (a rename and its bookkeeping are not cut in two)."""
+def signals_held() -> Iterator[None]:
+    """Delays SIGINT and SIGTERM to the end of the block.
+
+    Around a rename and its bookkeeping (not cut in two), and around starting
+    worker processes: a child forked here inherits the holding handler, so a
+    signal meant for the parent's process group does not kill it before it
+    can set its own handlers.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -258,8 +289,8 @@ class Output:
             raise OutputError(f"{self._describe()} exists; pass --overwrite to replace it")
         foreign = self.kind.foreign(self.path)
         if foreign is not None:
-            which = "it" if foreign == self.path else repr(os.path.relpath(foreign, self.path))
-            raise OutputError(f"{self._describe()} is not a {self.kind.what} that megan-fast wrote ({which} is not); "
+            which = "" if foreign == self.path else f" ({os.path.relpath(foreign, self.path)!r} is not)"
+            raise OutputError(f"{self._describe()} is not a {self.kind.what} that megan-fast wrote{which}; "
                               "--overwrite replaces only megan-fast's own outputs: choose another path")
 
     def child(self, name: str, kind: Kind) -> "Output":
@@ -276,14 +307,14 @@ class Output:
         """
         tmp = None
         try:
-            with _signals_held():
+            with signals_held():
                 fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=os.path.splitext(self.path)[1],
                                            dir=os.path.dirname(self.path))
                 _live.add(tmp)
-            os.close(fd)
+                os.close(fd)
             yield tmp
             os.chmod(tmp, 0o666 & ~umask())
-            with _signals_held():
+            with signals_held():
                 self.check_existing()  # it may have appeared, or changed owner, while we worked
                 os.replace(tmp, self.path)
                 _live.discard(tmp)
@@ -301,18 +332,25 @@ class Output:
         """
         tmp = old = None
         try:
-            with _signals_held():
+            with signals_held():
                 tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=os.path.dirname(self.path))
                 _live.add(tmp)
             yield tmp
             os.chmod(tmp, 0o777 & ~umask())
-            with _signals_held():
+            with signals_held():
                 self.check_existing()
                 if os.path.lexists(self.path):
                     old = tmp + "-old"
                     os.rename(self.path, old)
                     _live.add(old)
-                os.rename(tmp, self.path)
+                try:
+                    os.rename(tmp, self.path)
+                except BaseException:
+                    if old is not None:  # put the earlier output back: it is never lost
+                        os.rename(old, self.path)
+                        _live.discard(old)
+                        old = None
+                    raise
                 _live.discard(tmp)
                 tmp = None
         finally:
@@ -323,7 +361,7 @@ class Output:
 
 def _probe_writable(folder: str, described: str) -> None:
     try:
-        with _signals_held():
+        with signals_held():
             fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
             os.close(fd)
             os.remove(tmp)
@@ -363,6 +401,8 @@ def check_output(
     parent = os.path.realpath(os.path.dirname(absolute))
     out = Output(os.path.join(parent, os.path.basename(absolute)), arg, kind, overwrite, shown)
     real = os.path.realpath(absolute)
+    if existing != "replace" and kind.folder and os.path.islink(out.path) and os.path.isdir(out.path):
+        out.path = real  # a folder written into, not replaced: a link to one (scratch space) is followed
     if _within(os.path.realpath(os.getcwd()), real):
         raise OutputError(f"{out._describe()} is the working folder or contains it; give a new path")
     for name, inp in inputs:

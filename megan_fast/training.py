@@ -26,6 +26,8 @@ import yaml
 from torch import nn
 
 from megan_fast import outputs
+from megan_fast._checks import check_bool as _bool, check_float as _float, check_int as _int, \
+    check_str as _str
 from megan_fast.errors import CheckpointError, ConfigError
 from megan_fast.models import MEGAN, MEGANConfig
 
@@ -135,42 +137,6 @@ _Loader.add_implicit_resolver(
 
 def _where(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
-
-
-def _int(where: str, value: Any, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
-    if value < lo:
-        raise ConfigError(f"{where} must be >= {lo}, got {value}")
-    return value
-
-
-def _float(where: str, value: Any, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
-           hi_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        hint = " (write numbers without quotes)" if isinstance(value, str) else ""
-        raise ConfigError(f"{where} must be a number, got {value!r}{hint}")
-    if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
-        if hi == math.inf:
-            what = "positive" if lo == 0 and lo_open else f"{'>' if lo_open else '>='} {lo:g}"
-        else:
-            what = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise ConfigError(f"{where} must be {what} (a finite number), got {value!r}")
-    return float(value)
-
-
-def _bool(where: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    return value
-
-
-def _str(where: str, value: Any, none_ok: bool = False) -> str | None:
-    if value is None and none_ok:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where} must be a non-empty string, got {value!r}")
-    return value
 
 
 def _pair(where: str, value: Any) -> list[float]:
@@ -391,14 +357,19 @@ def check_output_dir(cfg: dict, resume: bool, inputs: list[tuple[str, str | None
             a fresh run into a folder that holds files.
         CheckpointError: ``resume`` and no checkpoint in the folder.
     """
+    own_config = os.path.join(os.path.abspath(str(cfg["output_dir"] or ".")), CONFIG_NAME)
+    if resume:  # continuing a run from the config it saved: that file is read, then rewritten the same
+        inputs = [(n, p) for n, p in inputs if not (p and os.path.realpath(p) == os.path.realpath(own_config))]
     out = outputs.check_output(cfg["output_dir"], "output_dir", RUN_KIND, inputs=[*_data_inputs(cfg), *inputs],
                                existing="keep", make_parents=True)
     ckpt_dir = os.path.join(out.path, "checkpoints")
+    held = sorted(n for n in os.listdir(out.path) if not outputs.TMP_NAME.fullmatch(n)) \
+        if os.path.isdir(out.path) else []
     if resume:
         if latest_checkpoint(out.path) is None:
             raise CheckpointError(f"--resume: no checkpoint (iter_N.pt) in {ckpt_dir}")
-    elif os.path.isdir(out.path) and os.listdir(out.path):
-        first = sorted(os.listdir(out.path))[0]
+    elif held:
+        first = held[0]
         raise outputs.OutputError(f"output_dir {out.shown!r} is not empty (it holds {first!r}); pass --resume to "
                                   "continue the run there, or choose a new output_dir")
     return out
@@ -433,6 +404,15 @@ def _restore(state: dict, path: str, model, optimizer, scheduler, scaler, ema, r
     except (CheckpointError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
         raise CheckpointError(f"{path}: does not fit this run's config ({exc})") from None
     return int(state["iteration"])
+
+
+def _worker_init(worker_id: int) -> None:
+    """Data workers ignore SIGTERM and SIGINT: a signal to the process group is handled by the main process,
+    which removes its temporaries and shuts the workers down (no "worker killed by signal" traceback)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def train(cfg: dict, resume: bool = False, device: str | None = None, progress: bool = True,
@@ -494,7 +474,10 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
         path = latest_checkpoint(out_dir)
         start_it = _restore(load_checkpoint(path), path, model, optimizer, scheduler, scaler, ema, rank, dev)
 
-    # Everything is checked: only now is anything written.
+    # Everything is checked: only now is anything written (once every process has checked: rank 0's
+    # config.yaml must not make another process's "output_dir is not empty" check fail).
+    if distributed:
+        dist.barrier()
     if rank == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
         config_out = out.child(CONFIG_NAME, CONFIG_KIND)
@@ -534,9 +517,12 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
             # or a resumed run would draw different memory frames than an uninterrupted one.
             loader = torch.utils.data.DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True,
                                                  num_workers=int(data_cfg["num_workers"]),
-                                                 pin_memory=dev.type == "cuda",
+                                                 pin_memory=dev.type == "cuda", worker_init_fn=_worker_init,
                                                  generator=torch.Generator().manual_seed(seed + epoch))
-            for item in loader:
+            with outputs.signals_held():  # the workers start here (see signals_held)
+                batches = iter(loader)
+            for item in batches:
+                outputs.raise_if_signalled()
                 lq, gt = item["lq"].to(dev, non_blocking=True), item["gt"].to(dev, non_blocking=True)
                 with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
                     loss = charbonnier(net(lq).float(), gt, optim_cfg["charbonnier_eps"])

@@ -42,8 +42,8 @@ UNSUPPORTED_OUTPUTS = (".avi", ".gif", ".flv", ".wmv", ".ts", ".m2ts", ".m4v", "
                        ".ogg", ".mxf", ".y4m") + IMAGE_EXTENSIONS
 
 
-class VideoError(InputError):
-    """An input that cannot be read as a video or frame folder."""
+class VideoError(InputError, RuntimeError):
+    """An input that cannot be read as a video or frame folder (a ValueError, and a RuntimeError as it used to be)."""
 
 
 @dataclasses.dataclass
@@ -401,12 +401,16 @@ def check_video_output(path: str, width: int, height: int, audio_from: str | Non
     if width % 2 or height % 2:
         raise OutputError(f"OUTPUT {path!r}: {width}x{height} frames cannot be encoded in 4:2:0 (odd size)")
     audio_codec = None
+    writer = None
     try:
         writer = VideoWriter(io.BytesIO(), fractions.Fraction(25), 64, 64, audio_from, fmt=ext)  # type: ignore[arg-type]
         if writer.out_audio is not None:
             audio_codec = writer.out_audio.codec_context.name
+        # One frame and the first audio packets write the header, where a container refuses a codec.
         writer.write(torch.zeros(3, 64, 64))
-        writer.close()
+        for packet in writer.stream.encode():
+            writer.container.mux(packet)
+        writer._mux_audio(0.1)
     except (av.error.FFmpegError, ValueError) as exc:
         what = f"the input's {audio_codec} audio" if audio_codec else "this output"
         if audio_from is not None and audio_codec is None:
@@ -415,6 +419,9 @@ def check_video_output(path: str, width: int, height: int, audio_from: str | Non
                 what = f"the input's {a.codec_context.name} audio" if a is not None else what
         raise OutputError(f"OUTPUT {path!r}: {what} cannot be stored in {ext} ({exc}); "
                           "use .mkv, which holds any audio") from None
+    finally:
+        if writer is not None:
+            writer.abort()
 
 
 class FrameFolderWriter:

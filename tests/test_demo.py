@@ -208,7 +208,7 @@ def test_check_output(tmp_path):
     (own / "frames").mkdir(parents=True)
     for name in ("strip.png", "frames/megan_000.png"):
         write_png(torch.zeros(3, 4, 4), str(own / name))
-    (own / ".megan-fast-abc.mp4").write_bytes(b"")  # a temporary left by a killed run
+    (own / ".megan-fast-a1b2c3d4.mp4").write_bytes(b"")  # a temporary left by a killed run
     demo.check_output(str(own), overwrite=False)  # a re-run needs no --overwrite
     (own / "frames" / "holiday.jpg").write_bytes(b"")
     with pytest.raises(outputs.OutputError, match="frames/holiday.jpg"):
@@ -232,3 +232,35 @@ def test_bad_arguments(checkpoint, tmp_path, capsys):
     rc, _, stderr = run_demo("--checkpoint", checkpoint, "--photo", "nosuchphoto", "--output", out, "--no-bench")
     assert rc == 2 and "nosuchphoto" in stderr
     assert not os.path.exists(out)
+
+
+def test_a_foreign_frame_is_found_before_any_work(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    (out / "frames").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(out / "frames" / "megan_000.png")  # the user's, with the demo's name
+    for extra in ((), ("--overwrite",)):
+        rc, stdout, stderr = run_demo("--checkpoint", checkpoint, "--size", "16x16", "--no-bench",
+                                      "--output", str(out), *extra)
+        assert rc == 2 and "megan_000.png" in stderr and "MEGAN:" not in stdout
+    assert sorted(os.listdir(out)) == ["frames"] and os.listdir(out / "frames") == ["megan_000.png"]
+
+
+def test_a_failed_first_run_leaves_no_folder(checkpoint, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(demo, "_write_frames", broken)
+    rc, _, stderr = run_demo("--checkpoint", checkpoint, "--size", "16x16", "--no-bench", "--output", str(out))
+    assert rc == 1 and "No space left on device" in stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_frame_rates_are_ranged(capsys):
+    for value in ("0.0001", "nan", "-2", "1e9"):
+        with pytest.raises(SystemExit):
+            main(["demo", "--fps", value])
+        assert "argument --fps: expected a frame rate" in capsys.readouterr().err

@@ -154,3 +154,36 @@ def test_marks_are_recognised_by_format(tmp_path):
     assert outputs.is_ours(str(tmp_path / "a.png")) and not outputs.is_ours(str(tmp_path / "b.png"))
     assert not outputs.is_ours(str(tmp_path / "c.json")) and not outputs.is_ours(str(tmp_path / "missing.png"))
     assert outputs.is_ours(str(tmp_path / "d.yaml")) and not outputs.is_ours(str(tmp_path / "e.yaml"))
+
+
+def test_a_failed_swap_puts_the_earlier_folder_back(tmp_path, monkeypatch):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    write_png(torch.zeros(3, 2, 2), str(folder / "000000.png"))
+    before = (folder / "000000.png").read_bytes()
+    out = check_output(str(folder), "OUTPUT", FRAMES, overwrite=True)
+    real_rename = os.rename
+    calls = []
+
+    def flaky(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new folder cannot take the old one's place
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", flaky)
+    with pytest.raises(OSError):
+        with out.atomic_folder() as tmp:
+            write_png(torch.ones(3, 2, 2), os.path.join(tmp, "000000.png"))
+    monkeypatch.undo()
+    assert (folder / "000000.png").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["frames"]
+
+
+def test_only_our_temporary_names_are_taken_for_leftovers(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / ".megan-fast-a1b2c3d4.png").write_bytes(b"")  # tempfile's name shape: a killed run's leftover
+    assert FRAMES.foreign(str(folder)) is None
+    (folder / ".megan-fast-notes").write_text("the user's own dotfile")
+    assert FRAMES.foreign(str(folder)) == str(folder / ".megan-fast-notes")

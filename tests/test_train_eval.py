@@ -300,3 +300,46 @@ def test_eval_checks_its_outputs_first_and_writes_strict_json(tmp_path, capsys, 
     assert "pass --overwrite" in capsys.readouterr().err
     assert main([*args, "--json", str(out), "--save-frames", str(tmp_path / "frames"), "--overwrite"]) == 0
     assert sorted(os.listdir(tmp_path / "frames" / "a")) == [f"{i:05d}.png" for i in range(7)]
+
+
+def test_resume_from_the_runs_own_config(tmp_path, vimeo, capsys):
+    cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=2)
+    assert main(["train", "--config", cfg, "--device", "cpu", "--stop-at", "1"]) == 0
+    saved = str(tmp_path / "run" / "config.yaml")
+    assert open(saved).readline().startswith("# megan-fast ")
+    assert main(["train", "--config", saved, "--device", "cpu", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iteration"] == 2
+    # A fresh run may not use a config that lies inside its output_dir.
+    assert main(["train", "--config", saved, "--device", "cpu"]) == 2
+    assert "contains the input --config" in capsys.readouterr().err
+
+
+def test_sigterm_with_data_workers_is_one_line(tmp_path, vimeo):
+    import signal
+    import time
+
+    cfg = yaml.safe_load(open(write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=100000)))
+    cfg["data"]["num_workers"] = 2
+    cfg["data"].pop("val")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "megan_fast", "train", "--config", str(tmp_path / "c.yaml"),
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    ckpts = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not (ckpts.is_dir() and len(os.listdir(ckpts)) >= 2):
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole process group, as a batch scheduler does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    lines = [line for line in err.strip().splitlines() if "it/s" not in line and "s/it" not in line]
+    assert lines == ["megan-fast train: terminated (SIGTERM); nothing half-written was left"], err[-2000:]
+    assert not [n for n in os.listdir(ckpts) if n.startswith(".megan-fast-")]
+
+
+def test_a_fresh_run_ignores_our_temporaries(tmp_path, vimeo):
+    cfg = load_config(write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=1))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".megan-fast-k3j4h5g6").write_bytes(b"")  # another process's write probe, say
+    assert train(cfg, device="cpu", progress=False).iteration == 1

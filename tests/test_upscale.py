@@ -166,14 +166,24 @@ def test_file_where_a_folder_is_expected_fails_before_any_work(tmp_path, checkpo
     (tmp_path / "afile").write_text("x")
     (tmp_path / "adir.mp4").mkdir()
     import megan_fast.cli._common as common
+    from megan_fast.errors import UsageError
 
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    loads = []
+
+    def no_model(*args, **kwargs):
+        loads.append(args)
+        raise UsageError("stopped at loading the model")
+
+    monkeypatch.setattr(common, "load_model", no_model)
+    assert main(["upscale", src, str(tmp_path / "x.mp4"), "--checkpoint", checkpoint]) == 2
+    assert "stopped at loading the model" in capsys.readouterr().err and len(loads) == 1  # the probe works
     assert main(["upscale", src, str(tmp_path / "afile"), "--checkpoint", checkpoint, "--overwrite"]) == 2
     assert "is a file, but a folder of PNG frames" in capsys.readouterr().err
     assert main(["upscale", src, str(tmp_path / "adir.mp4"), "--checkpoint", checkpoint, "--overwrite"]) == 2
     assert "is a folder, but a video file" in capsys.readouterr().err
     assert main(["upscale", src, str(tmp_path / "missing" / "o.mp4"), "--checkpoint", checkpoint]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert len(loads) == 1  # none of the bad outputs got as far as the model
 
 
 def test_containers_that_cannot_hold_the_stream_are_refused_before_work(tmp_path, checkpoint, capsys):

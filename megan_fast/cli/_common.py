@@ -92,3 +92,11 @@ def load_model(checkpoint: str, device, arg: str = "--checkpoint"):
 def finite_float(text: str) -> float:
     """argparse type: any finite number."""
     return _number(text, float, -math.inf, False, "a finite number")
+
+
+def frame_rate(text: str) -> float:
+    """argparse type: a frame rate, 0.01 to 10000 frames per second."""
+    value = _number(text, float, 0.0, True, "a frame rate in frames per second (0.01 to 10000)")
+    if not 0.01 <= value <= 10000:
+        raise argparse.ArgumentTypeError(f"expected a frame rate in frames per second (0.01 to 10000), got {text!r}")
+    return value

@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import fractions
 import os
+import contextlib
 import re
 import time
 
 from megan_fast import outputs
-from megan_fast.cli._common import DEMO_CHECKPOINT, finite_float, int_at_least, load_model, positive_float, \
+from megan_fast.cli import _common
+from megan_fast.cli._common import DEMO_CHECKPOINT, finite_float, frame_rate, int_at_least, positive_float, \
     resolve_device
 from megan_fast.errors import UsageError
 
@@ -67,7 +69,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int_at_least(0), default=0, help="start point and direction of the motion (default 0)")
     p.add_argument("--view-scale", type=positive_float, default=1.0,
                    help="photo pixels per GT pixel (default 1: the photo's own detail)")
-    p.add_argument("--fps", type=positive_float, default=2.0,
+    p.add_argument("--fps", type=frame_rate, default=2.0,
                    help="frame rate of the LR input; the video plays at twice this (default 2)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--no-bench", action="store_true", help="skip timing the fused kernels against stock")
@@ -98,8 +100,13 @@ def check_output(path: str, overwrite: bool, inputs=()) -> outputs.Output:
     for name, kind in _FILES.items():
         out.child(name, kind).check_existing()
     frames = os.path.join(out.path, FRAMES_DIR)
-    if os.path.lexists(frames) and (os.path.islink(frames) or not os.path.isdir(frames)):
-        raise outputs.OutputError(f"--output {path!r}: {FRAMES_DIR!r} in it is not a folder; choose another folder")
+    if os.path.lexists(frames):
+        if os.path.islink(frames) or not os.path.isdir(frames):
+            raise outputs.OutputError(f"--output {path!r}: {FRAMES_DIR!r} in it is not a folder; choose another folder")
+        for name in sorted(os.listdir(frames)):  # frames the demo would replace or prune must be its own
+            if _FRAME_RE.fullmatch(name) and not outputs.is_ours(os.path.join(frames, name)):
+                raise outputs.OutputError(f"--output {path!r}: {FRAMES_DIR}/{name} was not written by megan-fast; "
+                                          "choose another folder")
     return out
 
 
@@ -179,6 +186,18 @@ def _write_frames(frames, folder: str) -> None:
         path = os.path.join(folder, n)
         if _FRAME_RE.fullmatch(n) and n not in names and outputs.is_ours(path):
             os.remove(path)
+
+
+def _remove_own(folder: str) -> None:
+    """Removes the demo's own files from ``folder``, then the folder if that emptied it (nothing else is touched)."""
+    frames = os.path.join(folder, FRAMES_DIR)
+    for path in [os.path.join(folder, n) for n in _FILES] + [
+            os.path.join(frames, n) for n in (os.listdir(frames) if os.path.isdir(frames) else [])]:
+        if os.path.isfile(path) and outputs.is_ours(path):
+            os.remove(path)
+    for path in (frames, folder):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
 
 def _write_video(rows: list, out: outputs.Output, fps: fractions.Fraction) -> None:
@@ -265,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         # Recurrent states of small models decay into denormal floats, which slow CPU arithmetic ~10x.
         torch.set_flush_denormal(True)
-    model = load_model(checkpoint, device)
+    model = _common.load_model(checkpoint, device)
     n_in = model.config.num_input_frames
     if (args.frames + 1) // 2 < n_in:
         raise UsageError(f"--frames {args.frames} gives {(args.frames + 1) // 2} LR frames; "
@@ -290,44 +309,50 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(scores))
     print()
 
-    os.makedirs(out.path, exist_ok=True)
     rows = [panel_row(t, lq, bicubic, megan, gt) for t in range(gt.shape[0])]
     interp = gt.shape[0] // 2 if (gt.shape[0] // 2) % 2 else gt.shape[0] // 2 - 1  # middle interpolated frame
     strip_frames = [interp - 1, interp]
     strip = torch.cat([rows[strip_frames[0]], rows[0].new_ones(3, GAP, rows[0].shape[-1]), rows[strip_frames[1]]], -2)
     fps = fractions.Fraction(args.fps).limit_denominator(1001)
+
     from megan_fast.images import save_png
 
-    _write_video(rows, out.child(VIDEO_NAME, _FILES[VIDEO_NAME]), fps * 2)
-    with out.child(STRIP_NAME, _FILES[STRIP_NAME]).atomic_file() as tmp:
-        save_png(strip, tmp)
-    _write_frames(megan, os.path.join(out.path, FRAMES_DIR))
+    created = not os.path.exists(out.path)
+    os.makedirs(out.path, exist_ok=True)
+    try:
+        _write_video(rows, out.child(VIDEO_NAME, _FILES[VIDEO_NAME]), fps * 2)
+        with out.child(STRIP_NAME, _FILES[STRIP_NAME]).atomic_file() as tmp:
+            save_png(strip, tmp)
+        _write_frames(megan, os.path.join(out.path, FRAMES_DIR))
+        bench = None
+        if not args.no_bench:
+            print(f"timing one forward pass on the {n_in}-frame input window ({h // 4}x{w // 4}), "
+                  f"backends auto and stock, {args.bench_runs} run(s) each after a warm-up ...")
+            bench = bench_forward(model, lq[:n_in].unsqueeze(0).to(device), args.bench_runs)
+            print(f"forward: fused (auto) {bench['auto_s'] * 1e3:.0f} ms, stock {bench['stock_s'] * 1e3:.0f} ms "
+                  f"-> {bench['speedup']:.2f}x")
 
-    bench = None
-    if not args.no_bench:
-        print(f"timing one forward pass on the {n_in}-frame input window ({h // 4}x{w // 4}), "
-              f"backends auto and stock, {args.bench_runs} run(s) each after a warm-up ...")
-        bench = bench_forward(model, lq[:n_in].unsqueeze(0).to(device), args.bench_runs)
-        print(f"forward: fused (auto) {bench['auto_s'] * 1e3:.0f} ms, stock {bench['stock_s'] * 1e3:.0f} ms "
-              f"-> {bench['speedup']:.2f}x")
-
-    report = {
-        "clip": {"photo": args.photo, "motion": args.motion, "speed": args.speed, "seed": args.seed,
-                 "view_scale": args.view_scale, "gt_frames": gt.shape[0], "gt_size": [h, w],
-                 "lr_frames": lq.shape[0], "lr_size": [h // 4, w // 4], "fps_in": float(fps),
-                 "fps_out": float(fps * 2)},
-        "model": {"checkpoint": os.path.abspath(checkpoint), "parameters": params, "config": model.config_dict()},
-        "device": str(device),
-        "protocol": "Y channel (BT.601), frames rounded to uint8, crop_border 0, mean over frames; "
-                    "inputs = frames 0, 2, ...; interpolated = frames 1, 3, ...",
-        "metrics": scores,
-        "upscale_seconds": upscale_s,
-        "bench": bench,
-        "panels": list(PANELS),
-        "strip_frames": strip_frames,
-        "files": {"video": VIDEO_NAME, "strip": STRIP_NAME, "frames": FRAMES_DIR},
-    }
-    outputs.write_json(report, out.child(METRICS_NAME, _FILES[METRICS_NAME]), "demo")
+        report = {
+            "clip": {"photo": args.photo, "motion": args.motion, "speed": args.speed, "seed": args.seed,
+                     "view_scale": args.view_scale, "gt_frames": gt.shape[0], "gt_size": [h, w],
+                     "lr_frames": lq.shape[0], "lr_size": [h // 4, w // 4], "fps_in": float(fps),
+                     "fps_out": float(fps * 2)},
+            "model": {"checkpoint": os.path.abspath(checkpoint), "parameters": params, "config": model.config_dict()},
+            "device": str(device),
+            "protocol": "Y channel (BT.601), frames rounded to uint8, crop_border 0, mean over frames; "
+                        "inputs = frames 0, 2, ...; interpolated = frames 1, 3, ...",
+            "metrics": scores,
+            "upscale_seconds": upscale_s,
+            "bench": bench,
+            "panels": list(PANELS),
+            "strip_frames": strip_frames,
+            "files": {"video": VIDEO_NAME, "strip": STRIP_NAME, "frames": FRAMES_DIR},
+        }
+        outputs.write_json(report, out.child(METRICS_NAME, _FILES[METRICS_NAME]), "demo")
+    except BaseException:
+        if created:  # a first run that fails leaves no folder behind
+            _remove_own(out.path)
+        raise
 
     m, b = scores["megan"]["all"], scores["bicubic"]["all"]
     print(f"done in {time.perf_counter() - start_all:.1f} s; wrote {os.path.join(out_dir, '')}:")

@@ -9,11 +9,13 @@ import sys
 from contextlib import nullcontext
 
 from megan_fast import outputs
-from megan_fast.cli._common import int_at_least, load_model, resolve_device
+from megan_fast.cli import _common
+from megan_fast.cli._common import int_at_least, resolve_device
 from megan_fast.errors import InputError, UsageError
+from megan_fast.evaluation import SAVED_FRAMES
 
 JSON_KIND = outputs.Kind("JSON file")
-EVAL_FRAMES_KIND = outputs.Kind("folder of evaluation frames", folder=True, entries=r"\d{5}\.png", nested=True)
+EVAL_FRAMES_KIND = outputs.Kind("folder of evaluation frames", folder=True, entries=SAVED_FRAMES, nested=True)
 
 
 def add_parsers(sub) -> None:
@@ -98,7 +100,7 @@ def _eval(args: argparse.Namespace) -> int:
                                         inputs=[*inputs, ("--save-frames", args.save_frames)],
                                         overwrite=args.overwrite)
     device = resolve_device(args.device)
-    model = load_model(args.checkpoint, device)
+    model = _common.load_model(args.checkpoint, device)
     clips = _clip_source(args)
     try:
         with frames_out.atomic_folder() if frames_out else nullcontext() as save_dir:

@@ -16,12 +16,13 @@ import time
 import warnings
 
 from megan_fast import outputs
-from megan_fast.cli._common import DEMO_CHECKPOINT, compute_dtype, int_at_least, load_model, positive_float, \
-    resolve_device
-from megan_fast.errors import InputError, UsageError
+from megan_fast.cli import _common
+from megan_fast.cli._common import DEMO_CHECKPOINT, compute_dtype, frame_rate, int_at_least, resolve_device
+from megan_fast.errors import UsageError
+from megan_fast.video import FrameFolderWriter
 
 VIDEO_KIND = outputs.Kind("video file")
-FRAMES_KIND = outputs.Kind("folder of PNG frames", folder=True, entries=r"\d{6}\.png")
+FRAMES_KIND = outputs.Kind("folder of PNG frames", folder=True, entries=FrameFolderWriter.NAMES)
 
 
 def add_parser(sub) -> None:
@@ -45,7 +46,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype on CUDA devices: bfloat16/float16 use autocast (a CPU runs float32)")
-    p.add_argument("--fps", type=positive_float, default=25.0, help="frame rate of a frame-folder input (default 25)")
+    p.add_argument("--fps", type=frame_rate, default=25.0, help="frame rate of a frame-folder input (default 25)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUTPUT if it is an earlier megan-fast output (never anything else)")
     p.set_defaults(func=run)
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from megan_fast import video
-    from megan_fast.inference import iter_upscale
+    from megan_fast.inference import TooShortError, iter_upscale
 
     src = args.input
     if not src or not src.strip():
@@ -79,10 +80,10 @@ def run(args: argparse.Namespace) -> int:
     out_w, out_h = 4 * info.width, 4 * info.height
     if fmt:
         video.check_video_output(args.output, out_w, out_h, src if info.has_audio else None)
-    model = load_model(checkpoint, device)
+    model = _common.load_model(checkpoint, device)
     n_in = model.config.num_input_frames
     if info.num_frames is not None and info.num_frames < n_in:
-        raise InputError(f"{src}: the clip has {info.num_frames} frames; the model needs at least {n_in}")
+        raise TooShortError(f"{src}: the clip has {info.num_frames} frames; the model needs at least {n_in}")
     if info.orientation:
         print(f"{src}: the video is shown {info.orientation}; the frames are turned to match")
     if device.type == "cpu":
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 for j, frame in enumerate(iter_upscale(model, frames(), tile=args.tile,
                                                        tile_overlap=args.tile_overlap, device=device)):
+                    outputs.raise_if_signalled()
                     writer.write(frame, _output_times(times, j))
                     bar.update(1)
                 if fmt:
@@ -120,10 +122,8 @@ def run(args: argparse.Namespace) -> int:
                 if fmt:
                     writer.abort()
                 raise
-    except ValueError as exc:  # fewer decodable frames than the model needs
-        if "needs at least" in str(exc):
-            raise InputError(f"{src}: {exc}") from None
-        raise
+    except TooShortError as exc:  # fewer decodable frames than the model needs
+        raise TooShortError(f"{src}: {exc}") from None
     except torch.OutOfMemoryError:
         raise UsageError(f"out of memory on {device}; try --tile 128 (or smaller) to process the frames in "
                          "tiles") from None

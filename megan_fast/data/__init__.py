@@ -8,6 +8,8 @@ from megan_fast.data.datasets import VideoFolderClips, Vimeo90KSeptuplet
 from megan_fast.data.imresize import bicubic_downscale_x4, imresize
 from megan_fast.images import IMAGE_EXTENSIONS, list_frames, read_image
 
+list_images = list_frames  # the name before megan_fast.images became the one frame listing
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "VideoFolderClips",
@@ -15,5 +17,6 @@ __all__ = [
     "bicubic_downscale_x4",
     "imresize",
     "list_frames",
+    "list_images",
     "read_image",
 ]

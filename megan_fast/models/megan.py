@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 from typing import Any
@@ -22,7 +21,8 @@ from megan_fast.models.blocks import (
     lrelu,
     make_residual_trunk,
 )
-from megan_fast.errors import CheckpointError, ConfigError
+from megan_fast._checks import check_bool, check_float, check_int
+from megan_fast.errors import CheckpointError, ConfigError, MissingCheckpointError
 from megan_fast.nn import LMGA, NonLocalBlock
 
 CONFIG_NAME = "config.json"
@@ -50,7 +50,7 @@ class MEGANConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            _check_field(f.name, getattr(self, f.name), *_FIELD_RULES[f.name])
+            _FIELD_CHECKS[f.name](f"MEGAN: {f.name}", getattr(self, f.name))
         if self.nf % self.deformable_groups != 0:
             raise ConfigError(f"MEGAN: nf ({self.nf}) must be divisible by deformable_groups ({self.deformable_groups})")
 
@@ -73,34 +73,16 @@ class MEGANConfig:
         return 2 * self.num_input_frames - 1
 
 
-# field -> (type, minimum or None); "int" excludes bools, "float" takes ints too, "seed" is an int >= 0 or None.
-_FIELD_RULES: dict[str, tuple[str, float | None]] = {
-    "num_input_frames": ("int", 2), "nf": ("int", 1), "front_blocks": ("int", 0), "back_blocks": ("int", 0),
-    "num_pfrdb": ("int", 0), "deformable_groups": ("int", 1), "nonlocal_inner": ("int", 1),
-    "nonlocal_scale": ("positive float", None), "tau": ("int", 1), "graph_layers": ("int", 0),
-    "graph_hidden": ("int", 1), "graph_slope": ("float", None), "memory_seed": ("seed", None),
-    "global_skip": ("bool", None),
+# Every field's check (MEGANConfig.__post_init__); messages start with "MEGAN: ", which from_dict replaces.
+_FIELD_CHECKS: dict[str, Any] = {
+    "num_input_frames": lambda w, v: check_int(w, v, 2), "nf": lambda w, v: check_int(w, v, 1),
+    "front_blocks": lambda w, v: check_int(w, v, 0), "back_blocks": lambda w, v: check_int(w, v, 0),
+    "num_pfrdb": lambda w, v: check_int(w, v, 0), "deformable_groups": lambda w, v: check_int(w, v, 1),
+    "nonlocal_inner": lambda w, v: check_int(w, v, 1), "nonlocal_scale": lambda w, v: check_float(w, v, 0, lo_open=True),
+    "tau": lambda w, v: check_int(w, v, 1), "graph_layers": lambda w, v: check_int(w, v, 0),
+    "graph_hidden": lambda w, v: check_int(w, v, 1), "graph_slope": check_float,
+    "memory_seed": lambda w, v: None if v is None else check_int(w, v, 0), "global_skip": check_bool,
 }
-
-
-def _check_field(name: str, value: Any, kind: str, minimum: float | None) -> None:
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"MEGAN: {name} must be true or false, got {value!r}")
-        return
-    if kind == "seed" and value is None:
-        return
-    if kind in ("int", "seed"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"MEGAN: {name} must be an integer, got {value!r}")
-        lo = 0 if kind == "seed" else minimum
-        if lo is not None and value < lo:
-            raise ConfigError(f"MEGAN: {name} must be >= {lo:g}, got {value}")
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"MEGAN: {name} must be a finite number, got {value!r}")
-    if kind == "positive float" and value <= 0:
-        raise ConfigError(f"MEGAN: {name} must be positive, got {value!r}")
 
 
 class FeatureExtractor(nn.Module):
@@ -236,8 +218,9 @@ class MEGAN(nn.Module):
         """Builds the model from ``config.json`` and loads ``model.safetensors`` from ``directory``.
 
         Raises:
-            CheckpointError: a missing, unreadable, corrupt or mistyped file,
-                or weights that do not fit the config (one line, naming the file).
+            MissingCheckpointError: no such folder or file (also a FileNotFoundError).
+            CheckpointError: an unreadable, corrupt or mistyped file, or weights
+                that do not fit the config (one line, naming the file).
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -246,10 +229,12 @@ class MEGAN(nn.Module):
         config_path = os.path.join(directory, CONFIG_NAME)
         weights_path = os.path.join(directory, WEIGHTS_NAME)
         if not os.path.isdir(directory):
-            raise CheckpointError(f"{directory}: no such checkpoint folder (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+            raise MissingCheckpointError(f"{directory}: no such checkpoint folder (expected {CONFIG_NAME} and "
+                                         f"{WEIGHTS_NAME})")
         for path in (config_path, weights_path):
             if not os.path.isfile(path):
-                raise CheckpointError(f"{path} not found (a checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+                raise MissingCheckpointError(f"{path} not found (a checkpoint folder holds {CONFIG_NAME} and "
+                                             f"{WEIGHTS_NAME})")
         try:
             with open(config_path, encoding="utf-8") as f:
                 config = json.load(f)
