@@ -25,11 +25,13 @@ from megan_fast.errors import InputError, MissingInputError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+_DIGITS = re.compile(r"([0-9]+)")  # ASCII digits only: "²" is a digit to str.isdigit but not to int()
 
 
 def natural_key(name: str) -> list:
     """Sort key that orders embedded numbers by value: ``a2`` < ``a10``."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name) if part]
+    return [(0, int(part), "") if _DIGITS.fullmatch(part) else (1, 0, part.lower())
+            for part in _DIGITS.split(name) if part]
 
 
 def list_frames(folder: str) -> list[str]:

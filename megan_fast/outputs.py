@@ -125,7 +125,10 @@ class Kind:
         for name in sorted(os.listdir(path)):
             entry = os.path.join(path, name)
             if TMP_NAME.fullmatch(name) and not os.path.islink(entry):
-                continue
+                # A killed run's temporary: a file, or a folder holding only this kind's files.
+                if not os.path.isdir(entry) or dataclasses.replace(self, nested=True).foreign(entry) is None:
+                    continue
+                return entry
             if os.path.isdir(entry) and not os.path.islink(entry):
                 if not self.nested:
                     return entry
@@ -218,24 +221,31 @@ def sigterm_raises() -> Iterator[None]:
 def signals_held() -> Iterator[None]:
     """Delays SIGINT and SIGTERM to the end of the block.
 
-    Around a rename and its bookkeeping (not cut in two), and around starting
-    worker processes: a child forked here inherits the holding handler, so a
-    signal meant for the parent's process group does not kill it before it
-    can set its own handlers.
+    Around a rename and its bookkeeping (not cut in two), around starting
+    and stopping worker processes (a child forked here starts with both
+    signals blocked, so one meant for the parent's process group cannot kill
+    it before it sets its own handling: the training's data workers ignore
+    them), and around code whose exceptions Python only prints (``__del__``).
+    The signals are blocked, and a handler that was already due records
+    instead of raising; both are delivered when the block ends.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught: list[int] = []
     kinds = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.getsignal(s) for s in kinds}
+    caught: list[int] = []
+    saved = {s: signal.getsignal(s) for s in kinds}
+    masked = hasattr(signal, "pthread_sigmask")  # not on Windows: there the handlers alone hold
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(kinds)) if masked else None
     for s in kinds:
         signal.signal(s, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        for s, handler in previous.items():
+        for s, handler in saved.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if masked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)  # a pending signal is delivered now
         if caught:
             signal.raise_signal(caught[0])
 
@@ -359,6 +369,24 @@ class Output:
                     _remove(path)
 
 
+def _linked_entries(folder: str, depth: int = 2, limit: int = 20000) -> Iterator[str]:
+    """Real paths of the symbolic links in ``folder`` and its sub-folders, ``depth`` levels down, at most ``limit``
+    entries read (a frame folder whose frames link elsewhere; a dataset's linked clip folders)."""
+    pending, seen = [(folder, 0)], 0
+    while pending and seen < limit:
+        path, level = pending.pop()
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            continue
+        for entry in entries:
+            seen += 1
+            if entry.is_symlink():
+                yield os.path.realpath(entry.path)
+            elif level + 1 < depth and entry.is_dir(follow_symlinks=False):
+                pending.append((entry.path, level + 1))
+
+
 def _probe_writable(folder: str, described: str) -> None:
     try:
         with signals_held():
@@ -417,6 +445,19 @@ def check_output(
         if _within(inp_real, real):
             raise OutputError(f"{out._describe()} contains the input {name} {os.fspath(inp)!r}; "
                               "choose a path that does not")
+    try:
+        name_max = os.pathconf(parent if os.path.isdir(parent) else "/", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(os.fsencode(os.path.basename(absolute))) + len(".megan-fast-xxxxxxxx-old") > name_max:
+        raise OutputError(f"{out._describe()}: the name is too long for this file system "
+                          f"(at most about {name_max - 24} bytes); choose a shorter one")
+    for name, inp in inputs:  # an input folder's entries may be links to files inside the output
+        if inp is not None and os.path.isdir(inp):
+            for linked in _linked_entries(os.fspath(inp)):
+                if _within(linked, real):
+                    raise OutputError(f"{out._describe()} contains files of the input {name} {os.fspath(inp)!r} "
+                                      f"(it links to {linked!r}); choose a path that does not")
     folder = parent
     if make_parents:
         while not os.path.exists(folder):

@@ -12,6 +12,7 @@ batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -125,7 +126,18 @@ def _data_spec(value: dict, where: str, base: dict) -> dict:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 as PyYAML reads it, except that ``1e-4`` (no dot) is a number, as in YAML 1.2, not a string."""
+    """YAML 1.1 as PyYAML reads it, except that ``1e-4`` (no dot) is a number, as in YAML 1.2, not a string,
+    and that a key given twice in one mapping is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -178,6 +190,8 @@ def _check_config(cfg: dict) -> None:
     _str("name", cfg["name"])
     _str("output_dir", cfg["output_dir"])
     _int("seed", cfg["seed"], 0)
+    if cfg["seed"] >= 2**32:
+        raise ConfigError(f"seed must be < 2**32, got {cfg['seed']}")
     data, optim, log = cfg["data"], cfg["optim"], cfg["logging"]
     _int("data.batch_size", data["batch_size"], 1)
     _int("data.num_workers", data["num_workers"], 0)
@@ -210,6 +224,17 @@ def _check_config(cfg: dict) -> None:
     _bool("logging.tensorboard", log["tensorboard"])
 
 
+def _expand_paths(cfg: dict) -> None:
+    """``~`` in the path entries means the home folder, as in a shell (YAML does not expand it)."""
+    if isinstance(cfg.get("output_dir"), str):
+        cfg["output_dir"] = os.path.expanduser(cfg["output_dir"])
+    for part in ("train", "val"):
+        spec = cfg["data"].get(part)
+        for key in ("root", "lq_root", "list_file"):
+            if isinstance(spec, dict) and isinstance(spec.get(key), str):
+                spec[key] = os.path.expanduser(spec[key])
+
+
 def load_config(path: str) -> dict:
     """Reads a YAML training config, fills in the defaults and checks every entry; raises ConfigError.
 
@@ -226,6 +251,7 @@ def load_config(path: str) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     cfg = _merge(DEFAULTS, raw)
+    _expand_paths(cfg)
     if not isinstance(cfg["model"], dict):
         raise ConfigError(f"model must be a mapping of MEGANConfig fields, got {cfg['model']!r}")
     _check_config(cfg)
@@ -325,6 +351,8 @@ def load_checkpoint(path: str) -> dict:
     for key, kind in _CHECKPOINT_ENTRIES.items():
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
             raise CheckpointError(f"{path}: not a megan-fast training checkpoint (entry {key!r} missing or wrong)")
+    if state["iteration"] < 0:
+        raise CheckpointError(f"{path}: not a megan-fast training checkpoint (iteration {state['iteration']})")
     return state
 
 
@@ -349,6 +377,20 @@ def _data_inputs(cfg: dict) -> list[tuple[str, str | None]]:
     return found
 
 
+RUN_ENTRIES = (CONFIG_NAME, "checkpoints", "model", "tensorboard")
+
+
+def _never_saved(run: str) -> bool:
+    """Whether ``run`` holds only what a start killed before its first checkpoint leaves (our config.yaml, an
+    empty checkpoints folder): such a folder may be started again."""
+    if not os.path.isdir(run):
+        return False
+    names = {n for n in os.listdir(run) if not outputs.TMP_NAME.fullmatch(n)}
+    ckpts = os.path.join(run, "checkpoints")
+    return (names <= {CONFIG_NAME, "checkpoints"} and CONFIG_NAME in names and outputs.is_ours(os.path.join(run, CONFIG_NAME))
+            and (not os.path.exists(ckpts) or (os.path.isdir(ckpts) and not os.listdir(ckpts))))
+
+
 def check_output_dir(cfg: dict, resume: bool, inputs: list[tuple[str, str | None]] = ()) -> outputs.Output:
     """Checks ``output_dir`` before anything is written: a fresh run needs a new or empty folder, ``resume`` a run.
 
@@ -363,8 +405,18 @@ def check_output_dir(cfg: dict, resume: bool, inputs: list[tuple[str, str | None
     out = outputs.check_output(cfg["output_dir"], "output_dir", RUN_KIND, inputs=[*_data_inputs(cfg), *inputs],
                                existing="keep", make_parents=True)
     ckpt_dir = os.path.join(out.path, "checkpoints")
+    for name in RUN_ENTRIES:  # the run writes into these: a link would send its writes and pruning elsewhere
+        if os.path.islink(os.path.join(out.path, name)):
+            raise outputs.OutputError(f"output_dir {out.shown!r}: {name!r} in it is a symbolic link; a run writes "
+                                      "only into folders of its own")
+    for _, path in _checkpoints(ckpt_dir):
+        if os.path.islink(path):
+            raise outputs.OutputError(f"output_dir {out.shown!r}: {os.path.relpath(path, out.path)!r} is a "
+                                      "symbolic link; a run writes only into files of its own")
     held = sorted(n for n in os.listdir(out.path) if not outputs.TMP_NAME.fullmatch(n)) \
         if os.path.isdir(out.path) else []
+    if not resume and _never_saved(out.path):
+        held = []  # a start that was killed before its first checkpoint: begin again
     if resume:
         if latest_checkpoint(out.path) is None:
             raise CheckpointError(f"--resume: no checkpoint (iter_N.pt) in {ckpt_dir}")
@@ -383,6 +435,46 @@ def _dataset(spec: dict, seed: int, train: bool, where: str):
         raise
     except (ValueError, TypeError, OSError, ImportError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_items(config: MEGANConfig, train_set, val_set) -> None:
+    """Reads the first item of each dataset and checks that it fits the model (frames, x4 sizes): a crop larger
+    than the frames, LR frames of the wrong size or a scale other than 4 fail here, before anything is written."""
+    n_in, t_out = config.num_input_frames, config.num_output_frames
+    for where, dataset in (("data.train", train_set), ("data.val", val_set)):
+        if dataset is None or len(dataset) == 0:
+            continue
+        try:
+            item = dataset[0]
+        except (ValueError, OSError, TypeError, IndexError, RuntimeError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        lq, gt = item["lq"], item["gt"]
+        if lq.shape[0] != n_in or gt.shape[0] != t_out:
+            raise ConfigError(f"{where} gives {lq.shape[0]} input and {gt.shape[0]} target frames per item, but "
+                              f"model.num_input_frames {n_in} needs {n_in} and {t_out}")
+        if tuple(gt.shape[-2:]) != (4 * lq.shape[-2], 4 * lq.shape[-1]):
+            raise ConfigError(f"{where} gives {lq.shape[-1]}x{lq.shape[-2]} inputs for {gt.shape[-1]}x{gt.shape[-2]} "
+                              "targets; MEGAN upscales x4 (scale 4, LR frames a quarter of GT)")
+
+
+def _undo_start(out_dir: str, existed: set[str] | None) -> None:
+    """After a run that saved no checkpoint fails: removes what it wrote (its config.yaml, the folders it made),
+    so that the same command can simply be run again.  ``existed``: the names in ``out_dir`` before the run
+    wrote anything (None: there was no ``out_dir``).  Nothing the run did not write is touched."""
+    import shutil
+
+    before = existed or set()
+    config = os.path.join(out_dir, CONFIG_NAME)
+    if CONFIG_NAME not in before and outputs.is_ours(config):
+        os.remove(config)
+    tb = os.path.join(out_dir, "tensorboard")
+    if "tensorboard" not in before and os.path.isdir(tb) and not os.path.islink(tb):
+        shutil.rmtree(tb, ignore_errors=True)
+    folders = ([os.path.join(out_dir, "checkpoints")] if "checkpoints" not in before else []) + \
+        ([out_dir] if existed is None else [])
+    for path in folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)  # only if empty
 
 
 def _restore(state: dict, path: str, model, optimizer, scheduler, scaler, ema, rank: int, dev) -> int:
@@ -408,11 +500,16 @@ def _restore(state: dict, path: str, model, optimizer, scheduler, scaler, ema, r
 
 def _worker_init(worker_id: int) -> None:
     """Data workers ignore SIGTERM and SIGINT: a signal to the process group is handled by the main process,
-    which removes its temporaries and shuts the workers down (no "worker killed by signal" traceback)."""
+    which removes its temporaries and shuts the workers down (no "worker killed by signal" traceback).
+
+    They are forked with both signals blocked (:func:`megan_fast.outputs.signals_held`), so one that came
+    before this point is pending: ignoring first, then unblocking, discards it."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
 def train(cfg: dict, resume: bool = False, device: str | None = None, progress: bool = True,
@@ -458,6 +555,7 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
         raise ConfigError(f"the training set has {len(train_set)} items: fewer than one batch of {batch} per process")
 
     model = MEGAN(dict(cfg["model"])).to(dev)
+    _check_items(model.config, train_set, val_set)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if optim_cfg["ema_decay"] > 0 else None
     optimizer = torch.optim.Adam(model.parameters(), lr=optim_cfg["lr"], betas=tuple(optim_cfg["betas"]),
                                  weight_decay=optim_cfg["weight_decay"])
@@ -478,36 +576,34 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
     # config.yaml must not make another process's "output_dir is not empty" check fail).
     if distributed:
         dist.barrier()
-    if rank == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        config_out = out.child(CONFIG_NAME, CONFIG_KIND)
-        config_out.check_existing()
-        with config_out.atomic_file() as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write(f"# {outputs.written_by('train')}: the resolved config of this run\n")
-            yaml.safe_dump(cfg, f, sort_keys=False)
-
-    net = model
-    if distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-
-    writer = None
-    if rank == 0 and log_cfg["tensorboard"]:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-        except ImportError:
-            writer = None
-
     it = start_it
     total = int(optim_cfg["iterations"])
     end = min(total, stop_at) if stop_at is not None else total
     last_loss = float("nan")
     val_psnr = None
     saved = None
-    bar = tqdm(total=total, initial=start_it, unit="it", desc=cfg["name"], disable=not progress or rank != 0)
-    model.train()
+    existed = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else None
+    writer = bar = None
     try:
+        if rank == 0:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            config_out = out.child(CONFIG_NAME, CONFIG_KIND)
+            config_out.check_existing()
+            with config_out.atomic_file() as tmp, open(tmp, "w", encoding="utf-8") as f:
+                f.write(f"# {outputs.written_by('train')}: the resolved config of this run\n")
+                yaml.safe_dump(cfg, f, sort_keys=False)
+            if log_cfg["tensorboard"]:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+                except ImportError:
+                    writer = None
+        net = model
+        if distributed:
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        bar = tqdm(total=total, initial=start_it, unit="it", desc=cfg["name"], disable=not progress or rank != 0)
+        model.train()
         while it < end:
             epoch, pos = divmod(it, per_epoch)
             sampler.set_position(epoch, pos * batch)
@@ -559,8 +655,18 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
                                             int(log_cfg["keep_checkpoints"]), scaler)
                 if it >= end or it % per_epoch == 0:
                     break
+            with outputs.signals_held():  # ... and are joined here
+                del batches
+    except BaseException:
+        if writer is not None:
+            writer.close()
+            writer = None
+        if rank == 0 and not resume and latest_checkpoint(out_dir) is None:
+            _undo_start(out_dir, existed)  # a failed start leaves nothing: the same command can be run again
+        raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if writer is not None:
             writer.close()
     if distributed:

@@ -38,8 +38,10 @@ VIDEO_OUTPUTS: dict[str, tuple[str, str, dict[str, str]]] = {
     ".webm": ("webm", "libvpx-vp9", {"crf": "20", "b": "0", "row-mt": "1", "cpu-used": "4"}),
 }
 # Media extensions that are not written (an OUTPUT with one of these is refused, not taken for a folder name).
-UNSUPPORTED_OUTPUTS = (".avi", ".gif", ".flv", ".wmv", ".ts", ".m2ts", ".m4v", ".mpg", ".mpeg", ".3gp", ".ogv",
-                       ".ogg", ".mxf", ".y4m") + IMAGE_EXTENSIONS
+UNSUPPORTED_OUTPUTS = (".avi", ".gif", ".apng", ".flv", ".f4v", ".wmv", ".asf", ".ts", ".mts", ".m2ts", ".m4v",
+                       ".mpg", ".mpeg", ".m2v", ".vob", ".3gp", ".3g2", ".ogv", ".ogg", ".mxf", ".y4m", ".qt", ".rm",
+                       ".rmvb", ".divx", ".dv", ".nut", ".mjpeg", ".h264", ".264", ".h265", ".265", ".hevc", ".ivf",
+                       ".mp3", ".wav", ".m4a", ".aac", ".flac", ".opus", ".wma", ".ac3") + IMAGE_EXTENSIONS
 
 
 class VideoError(InputError, RuntimeError):
@@ -55,6 +57,7 @@ class VideoInfo:
     has_audio: bool
     audio_codec: str | None = None
     orientation: str | None = None  # e.g. "rotated 90 degrees counter-clockwise", None if none
+    dropped_streams: int = 0  # subtitle, data and further video streams, which are not copied
     time_base: fractions.Fraction = fractions.Fraction(1, 25)  # of the timestamps FrameReader yields
 
 
@@ -150,9 +153,11 @@ def probe(path: str, folder_fps: float = 25.0) -> VideoInfo:
                 raise VideoError(f"{path}: no frame of the video stream can be decoded")
             orient = _orientation(first)
             w, h = (first.height, first.width) if orient and orient.transpose else (first.width, first.height)
+            dropped = len(container.streams) - 1 - len(container.streams.audio)
             return VideoInfo(stream.frames or None, fractions.Fraction(fps), w, h, audio is not None,
                              audio.codec_context.name if audio is not None else None,
-                             orient.describe() if orient else None, stream.time_base or 1 / fractions.Fraction(fps))
+                             orient.describe() if orient else None, dropped_streams=dropped,
+                             time_base=stream.time_base or 1 / fractions.Fraction(fps))
     except av.error.FFmpegError as exc:
         raise VideoError(f"{path}: cannot be read as a video ({exc})") from None
 
@@ -178,6 +183,10 @@ class FrameReader:
         self.folder_fps = fractions.Fraction(folder_fps).limit_denominator(1001)
         self.decoded = 0
         self.declared: int | None = None
+        self.duration: float | None = None  # seconds the container declares (when it declares no frame count)
+        self.start_time: fractions.Fraction | None = None  # of the first decoded frame
+        self.last_time: fractions.Fraction | None = None
+        self.rate: fractions.Fraction | None = None
         self.error: str | None = None
         self.constant_rate_from: int | None = None  # first frame timed at the average rate
 
@@ -214,6 +223,11 @@ class FrameReader:
             stream.thread_type = "AUTO"
             self.declared = stream.frames or None
             rate = stream.average_rate or stream.guessed_rate or fractions.Fraction(25)
+            self.rate = fractions.Fraction(rate)
+            if stream.duration and stream.time_base:
+                self.duration = float(stream.duration * stream.time_base)
+            elif container.duration:
+                self.duration = container.duration / 1e6
             start = last = None
             frames = container.decode(stream)
             while True:
@@ -241,7 +255,8 @@ class FrameReader:
                     if self.constant_rate_from is None:
                         self.constant_rate_from = self.decoded
                     t = start + fractions.Fraction(self.decoded) / rate
-                last = t
+                last = self.last_time = t
+                self.start_time = start
                 self.decoded += 1
                 yield t, tensor
 
@@ -254,6 +269,14 @@ class FrameReader:
         elif self.declared is not None and self.decoded < self.declared:
             out.append(f"{self.path}: decoded {self.decoded} of the {self.declared} frames the file declares "
                        "(truncated or damaged?); the output covers the decoded frames")
+        elif self.declared is None and self.duration and self.rate and self.decoded:
+            # No frame count (Matroska, WebM): compare with the declared duration instead.
+            expected = round(self.duration * float(self.rate))
+            shown = float(self.last_time - self.start_time) + 1 / float(self.rate)
+            if self.decoded < 0.9 * expected or shown < 0.9 * self.duration:
+                out.append(f"{self.path}: decoded {self.decoded} frames ({shown:.2f} s) of a file that declares "
+                           f"{self.duration:.2f} s (about {expected} frames; truncated or damaged?); the output "
+                           "covers the decoded frames")
         if self.constant_rate_from:  # 0: the stream has no timestamps at all (raw H.264): nothing to tell
             out.append(f"{self.path}: timestamps missing or out of order from frame {self.constant_rate_from}; "
                        "from there on frames are timed at the stream's average rate")
@@ -319,13 +342,14 @@ class VideoWriter:
             self.stream.time_base = self.time_base
             self.stream.options = dict(options)
             # Every stream must exist before the first packet is written.
-            self.out_audio = None
+            self.out_audio: dict[int, object] = {}  # input stream index -> output stream
             if audio_from is not None:
                 self._audio_src = av.open(audio_from)
-                src = _audio_stream(self._audio_src)
-                if src is not None:
-                    self.out_audio = self.container.add_stream_from_template(src)
-                    self._audio_packets = self._audio_src.demux(src)
+                sources = list(self._audio_src.streams.audio)
+                for src in sources:
+                    self.out_audio[src.index] = self.container.add_stream_from_template(src)
+                if sources:
+                    self._audio_packets = self._audio_src.demux(*sources)
                     self._pending = None
         except BaseException:
             self.abort()
@@ -334,15 +358,15 @@ class VideoWriter:
         self._last_pts = None
 
     def _mux_audio(self, until: float | None) -> None:
-        """Copies audio packets up to ``until`` seconds (None: all the rest)."""
-        if self.out_audio is None:
+        """Copies audio packets (of every audio stream, in file order) up to ``until`` seconds (None: the rest)."""
+        if not self.out_audio:
             return
         while True:
             packet = self._pending
             if packet is None:
                 packet = next(self._audio_packets, None)
                 if packet is None:
-                    self.out_audio = None
+                    self.out_audio = {}
                     return
             if packet.dts is None:  # the demuxer's end-of-stream marker
                 self._pending = None
@@ -351,7 +375,7 @@ class VideoWriter:
                 self._pending = packet
                 return
             self._pending = None
-            packet.stream = self.out_audio
+            packet.stream = self.out_audio[packet.stream.index]
             self.container.mux(packet)
 
     def write(self, frame: Tensor, time: fractions.Fraction | None = None) -> None:
@@ -404,8 +428,8 @@ def check_video_output(path: str, width: int, height: int, audio_from: str | Non
     writer = None
     try:
         writer = VideoWriter(io.BytesIO(), fractions.Fraction(25), 64, 64, audio_from, fmt=ext)  # type: ignore[arg-type]
-        if writer.out_audio is not None:
-            audio_codec = writer.out_audio.codec_context.name
+        if writer.out_audio:
+            audio_codec = ", ".join(sorted({a.codec_context.name for a in writer.out_audio.values()}))
         # One frame and the first audio packets write the header, where a container refuses a codec.
         writer.write(torch.zeros(3, 64, 64))
         for packet in writer.stream.encode():

@@ -29,7 +29,7 @@ def save_small_model(path, **overrides) -> str:
 
 
 def make_video(path, frames=6, w=16, h=12, fps=10, audio=True, times=None, rotation=None, options=None,
-               pictures=None):
+               pictures=None, audio_tracks=1):
     """H.264 video of random (or given (h, w, 3) uint8) pictures; ``times`` (seconds) makes a variable rate."""
     import av
 
@@ -42,7 +42,7 @@ def make_video(path, frames=6, w=16, h=12, fps=10, audio=True, times=None, rotat
     if times is not None:
         vs.codec_context.time_base = tb
         vs.time_base = tb
-    a = c.add_stream("aac", rate=16000) if audio else None
+    tracks = [c.add_stream("aac", rate=16000) for _ in range(audio_tracks)] if audio else []
     rng = np.random.default_rng(0)
     for i in range(frames):
         pic = pictures[i] if pictures is not None else rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
@@ -53,10 +53,10 @@ def make_video(path, frames=6, w=16, h=12, fps=10, audio=True, times=None, rotat
             c.mux(p)
     for p in vs.encode():
         c.mux(p)
-    if a is not None:
+    for k, a in enumerate(tracks):
         pts = 0
         for _ in range(12):
-            af = av.AudioFrame.from_ndarray(rng.standard_normal((1, 1024)).astype(np.float32) * 0.1,
+            af = av.AudioFrame.from_ndarray(rng.standard_normal((1, 1024)).astype(np.float32) * 0.1 * (k + 1),
                                             format="fltp", layout="mono")
             af.sample_rate, af.pts = 16000, pts
             pts += 1024
@@ -85,13 +85,13 @@ def raw_h264(w, h, n) -> bytes:
     return buf.getvalue()
 
 
-def audio_packets(path):
+def audio_packets(path, track=0):
     import av
 
     with av.open(path) as c:
-        if not c.streams.audio:
+        if len(c.streams.audio) <= track:
             return None
-        return [bytes(p) for p in c.demux(c.streams.audio[0]) if p.dts is not None]
+        return [bytes(p) for p in c.demux(c.streams.audio[track]) if p.dts is not None]
 
 
 def decoded(path):
@@ -155,3 +155,13 @@ def readonly_command(folder: str, argv: list[str], cwd: str) -> subprocess.Compl
     script = (f"mount --bind '{folder}' '{folder}' && mount -o remount,bind,ro '{folder}' && exec \"$@\"")
     return subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *cmd], cwd=cwd, capture_output=True, text=True,
                           env=env, timeout=600)
+
+
+def grey_frames(folder, levels, h=8, w=8, name="{i}.png", start=0) -> str:
+    """A folder of flat 8-bit frames, one grey level each, named by ``name.format(i=start + k)``."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for i, level in enumerate(levels):
+        Image.fromarray(np.full((h, w, 3), level, np.uint8)).save(os.path.join(folder, name.format(i=start + i)))
+    return str(folder)

@@ -93,3 +93,9 @@ def test_write_png_marks_and_never_replaces_a_foreign_file(tmp_path):
     with pytest.raises(OutputError):
         images.write_png(torch.rand(3, 5, 7), str(tmp_path / "b.png"))
     assert Image.open(tmp_path / "b.png").size == (2, 2)
+
+
+def test_names_with_other_unicode_digits_sort_without_error(tmp_path):
+    for n in ("f10.png", "f2.png", "²0.png", "٣.png"):
+        (tmp_path / n).write_bytes(b"")
+    assert [os.path.basename(p) for p in list_frames(str(tmp_path))][:2] == ["f2.png", "f10.png"]

@@ -187,3 +187,13 @@ def test_only_our_temporary_names_are_taken_for_leftovers(tmp_path):
     assert FRAMES.foreign(str(folder)) is None
     (folder / ".megan-fast-notes").write_text("the user's own dotfile")
     assert FRAMES.foreign(str(folder)) == str(folder / ".megan-fast-notes")
+
+
+def test_a_folder_named_like_our_temporary_is_ours_only_if_its_contents_are(tmp_path):
+    folder = tmp_path / "frames"
+    (folder / ".megan-fast-a1b2c3d4").mkdir(parents=True)
+    (folder / ".megan-fast-a1b2c3d4" / "thesis.pdf").write_bytes(b"the user's")
+    assert FRAMES.foreign(str(folder)) == str(folder / ".megan-fast-a1b2c3d4")
+    (folder / ".megan-fast-a1b2c3d4" / "thesis.pdf").unlink()
+    write_png(torch.zeros(3, 2, 2), str(folder / ".megan-fast-a1b2c3d4" / "000000.png"))
+    assert FRAMES.foreign(str(folder)) is None

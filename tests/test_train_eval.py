@@ -333,7 +333,9 @@ def test_sigterm_with_data_workers_is_one_line(tmp_path, vimeo):
     os.killpg(proc.pid, signal.SIGTERM)  # the whole process group, as a batch scheduler does
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
-    lines = [line for line in err.strip().splitlines() if "it/s" not in line and "s/it" not in line]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "it/s" not in line
+             and "s/it" not in line]
     assert lines == ["megan-fast train: terminated (SIGTERM); nothing half-written was left"], err[-2000:]
     assert not [n for n in os.listdir(ckpts) if n.startswith(".megan-fast-")]
 
@@ -343,3 +345,94 @@ def test_a_fresh_run_ignores_our_temporaries(tmp_path, vimeo):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / ".megan-fast-k3j4h5g6").write_bytes(b"")  # another process's write probe, say
     assert train(cfg, device="cpu", progress=False).iteration == 1
+
+
+def test_links_inside_a_run_folder_are_refused(tmp_path, vimeo, capsys):
+    cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=2)
+    assert main(["train", "--config", cfg, "--device", "cpu", "--stop-at", "1"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    os.rename(tmp_path / "run" / "model", elsewhere)
+    (elsewhere / "config.json").write_text("precious")
+    (tmp_path / "run" / "model").symlink_to(elsewhere)
+    assert main(["train", "--config", cfg, "--device", "cpu", "--resume"]) == 2
+    assert "'model' in it is a symbolic link" in capsys.readouterr().err
+    assert (elsewhere / "config.json").read_text() == "precious"
+
+
+def test_configs_that_do_not_fit_the_data_fail_before_writing(tmp_path, vimeo, capsys):
+    base = yaml.safe_load(open(write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run")))
+    cases = [
+        ({"data": {"train": {"crop": 1000}}}, "crop=1000 is larger than the LR frame"),
+        ({"data": {"train": {"scale": 2}}}, "MEGAN upscales x4"),
+        ({"data": {"train": {"lq_root": vimeo}}}, "LR must be GT/4"),
+        ({"model": {"num_input_frames": 2}}, "model.num_input_frames 2 needs 2 and 3"),
+        ({"seed": 2**63}, "seed must be < 2**32"),
+    ]
+    for change, message in cases:
+        cfg = yaml.safe_load(yaml.safe_dump(base))
+        for key, value in change.items():
+            if isinstance(value, dict) and key == "data":
+                cfg["data"]["train"].update(value["train"])
+            elif isinstance(value, dict):
+                cfg[key].update(value)
+            else:
+                cfg[key] = value
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["train", "--config", str(tmp_path / "c.yaml"), "--device", "cpu"]) == 2, change
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (change, err)
+        assert not (tmp_path / "run").exists(), change
+
+
+def test_a_failed_start_can_simply_be_run_again(tmp_path, vimeo, capsys, monkeypatch):
+    import megan_fast.training as training
+
+    cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=1)
+    real = training.charbonnier
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "charbonnier", broken)
+    assert main(["train", "--config", cfg, "--device", "cpu"]) == 130
+    assert not (tmp_path / "run").exists()  # it wrote config.yaml and checkpoints/, and took them back
+    # A start killed outright (SIGKILL) leaves them: such a folder may be started again.
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("# megan-fast 0.1.0 train: the resolved config of this run\n")
+    monkeypatch.setattr(training, "charbonnier", real)
+    assert main(["train", "--config", cfg, "--device", "cpu"]) == 0
+    assert os.path.isfile(tmp_path / "run" / "checkpoints" / "iter_1.pt")
+
+
+def test_yaml_details(tmp_path, monkeypatch):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("optim: {lr: 0.1}\noptim: {lr: 0.2}\ndata: {train: {root: x}}\n")
+    with pytest.raises(ConfigError, match="the key 'optim' is given twice"):
+        load_config(str(bad))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    bad.write_text("output_dir: ~/runs/x\ndata: {train: {root: ~/data}}\n")
+    cfg = load_config(str(bad))
+    assert cfg["output_dir"] == str(tmp_path / "runs" / "x") and cfg["data"]["train"]["root"] == str(tmp_path / "data")
+
+
+def test_checkpoint_iteration_must_be_sane(tmp_path, vimeo, capsys):
+    cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=2)
+    assert main(["train", "--config", cfg, "--device", "cpu", "--stop-at", "1"]) == 0
+    path = tmp_path / "run" / "checkpoints" / "iter_1.pt"
+    state = torch.load(path, weights_only=True)
+    state["iteration"] = -5
+    torch.save(state, path)
+    before = (tmp_path / "run" / "config.yaml").read_bytes()
+    assert main(["train", "--config", cfg, "--device", "cpu", "--resume"]) == 2
+    assert "not a megan-fast training checkpoint (iteration -5)" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.yaml").read_bytes() == before
+
+
+def test_eval_checks_clip_sizes_first(tmp_path, capsys):
+    synthetic.write_clip_folder(synthetic.make_clip("coffee", 7, size=(30, 30), seed=1), str(tmp_path / "gt" / "odd"))
+    torch.manual_seed(0)
+    MEGAN(**TINY).save_pretrained(tmp_path / "ckpt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "gt"), "--device",
+                 "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "clip 'odd': frames are 30x30" in err and "multiples of 4" in err and "odd:" not in err.split("error")[0]

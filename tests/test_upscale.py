@@ -11,7 +11,8 @@ import torch
 
 av = pytest.importorskip("av", reason="PyAV is needed for video files")
 
-from _media import audio_packets, decoded, make_video, raw_h264, save_small_model, snapshot, write_png16  # noqa: E402
+from _media import (audio_packets, decoded, grey_frames, make_video, raw_h264, save_small_model, snapshot,  # noqa: E402
+                    write_png16)
 
 from megan_fast import video  # noqa: E402
 from megan_fast.cli.main import main  # noqa: E402
@@ -43,14 +44,11 @@ def test_video_round_trip_keeps_audio(tmp_path, checkpoint, capsys):
 
 
 def test_frame_folder_in_png_folder_out(tmp_path, checkpoint):
-    frames = tmp_path / "frames"
-    frames.mkdir()
     from PIL import Image
 
-    for i in range(5):
-        Image.fromarray(np.full((12, 8, 3), 40 * i, np.uint8)).save(frames / f"{i:03d}.png")
+    frames = grey_frames(tmp_path / "frames", [40 * i for i in range(5)], h=12, w=8, name="{i:03d}.png")
     dst = tmp_path / "up"
-    assert main(["upscale", str(frames), str(dst), "--checkpoint", checkpoint]) == 0
+    assert main(["upscale", frames, str(dst), "--checkpoint", checkpoint]) == 0
     outs = sorted(os.listdir(dst))
     assert len(outs) == 9
     assert Image.open(dst / outs[0]).size == (32, 48)
@@ -250,11 +248,9 @@ def test_signals_remove_the_temporary_and_print_one_line(tmp_path, checkpoint, s
 def test_frame_folder_is_read_in_natural_order(tmp_path, skip_model):
     from PIL import Image
 
-    frames = tmp_path / "frames"
-    frames.mkdir()
     levels = [10 * (i + 1) for i in range(10)]  # frame1 .. frame10: 10, 20, ..., 100
-    for i, level in enumerate(levels):
-        Image.fromarray(np.full((8, 8, 3), level, np.uint8)).save(frames / f"frame{i + 1}.png")
+    frames = tmp_path / "frames"
+    grey_frames(frames, levels, name="frame{i}.png", start=1)
     (frames / ".hidden.png").write_bytes(b"not an image")
     up = tmp_path / "up"
     assert main(["upscale", str(frames), str(up), "--checkpoint", skip_model]) == 0
@@ -373,3 +369,60 @@ def test_half_precision_on_a_cpu_warns_and_runs_float32(tmp_path, checkpoint, ca
 
     for name in sorted(os.listdir(tmp_path / "a")):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / name)), np.asarray(Image.open(tmp_path / "b" / name)))
+
+
+def test_frames_that_link_into_the_output_are_refused(tmp_path, checkpoint, capsys):
+    frames = grey_frames(tmp_path / "frames", [30 * i for i in range(5)])
+    prev = tmp_path / "prev"
+    assert main(["upscale", frames, str(prev), "--checkpoint", checkpoint]) == 0
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for i in range(5):
+        (linked / f"in{i}.png").symlink_to(prev / f"{i:06d}.png")
+    before = snapshot(prev)
+    assert main(["upscale", str(linked), str(prev), "--checkpoint", checkpoint, "--overwrite"]) == 2
+    assert "contains files of the input INPUT" in capsys.readouterr().err
+    assert snapshot(prev) == before
+
+
+def test_more_output_names_are_checked_up_front(tmp_path, checkpoint, capsys):
+    src = make_video(tmp_path / "in.mp4", audio=False)
+    for name in ("x.mts", "x.mp3", "x.wav", "x.h264", "x.vob", "x.qt", "x.m4a"):
+        assert main(["upscale", src, str(tmp_path / name), "--checkpoint", checkpoint]) == 2
+        assert "is not written" in capsys.readouterr().err
+    assert main(["upscale", src, str(tmp_path / ("a" * 300 + ".mp4")), "--checkpoint", checkpoint]) == 2
+    assert "the name is too long" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["in.mp4"]
+
+
+def test_every_audio_track_is_copied(tmp_path, checkpoint):
+    two = make_video(tmp_path / "two.mkv", audio=True, audio_tracks=2)
+    assert audio_packets(two, 0) != audio_packets(two, 1)
+    dst = str(tmp_path / "o.mkv")
+    assert main(["upscale", two, dst, "--checkpoint", checkpoint]) == 0
+    assert audio_packets(dst, 0) == audio_packets(two, 0) and audio_packets(dst, 1) == audio_packets(two, 1)
+
+
+def test_a_cut_file_without_a_frame_count_warns_from_its_duration(tmp_path, checkpoint, capsys):
+    full = make_video(tmp_path / "long.mkv", frames=30, audio=False)
+    assert video.probe(full).num_frames is None  # Matroska declares no frame count
+    data = open(full, "rb").read()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    assert main(["upscale", str(cut), str(tmp_path / "o.mkv"), "--checkpoint", checkpoint]) == 0
+    err = capsys.readouterr().err
+    assert "of a file that declares 3.00 s (about 30 frames" in err
+    assert main(["upscale", full, str(tmp_path / "o2.mkv"), "--checkpoint", checkpoint]) == 0
+    assert "warning" not in capsys.readouterr().err  # the whole file: nothing to say
+
+
+def test_non_finite_weights_are_refused(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    path = save_small_model(tmp_path / "nan")
+    state = load_file(os.path.join(path, "model.safetensors"))
+    state["reconstruction.conv_last.weight"][0, 0, 0, 0] = float("nan")
+    save_file(state, os.path.join(path, "model.safetensors"))
+    src = make_video(tmp_path / "in.mp4", audio=False)
+    assert main(["upscale", src, str(tmp_path / "o.mp4"), "--checkpoint", path]) == 2
+    assert "hold NaN or infinite weights (e.g. 'reconstruction.conv_last.weight')" in capsys.readouterr().err

@@ -61,6 +61,23 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_clip_sizes(folders) -> None:
+    """Every clip's frame sizes fit the x4 protocol, from the first frames' headers, before the model runs."""
+    from megan_fast.images import image_size
+
+    for name in folders.clip_names:
+        w, h = image_size(folders.gt_paths[name][0])
+        if folders.lq_root is None:
+            if w % 4 or h % 4:
+                raise InputError(f"clip {name!r}: frames are {w}x{h}; LR frames are made by x4 downscaling, so "
+                                 "both sides must be multiples of 4 (crop the clip, or give --lq)")
+        else:
+            lw, lh = image_size(folders.lq_paths[name][0])
+            if (4 * lw, 4 * lh) != (w, h):
+                raise InputError(f"clip {name!r}: LR frames are {lw}x{lh} but GT frames are {w}x{h}; LR must be "
+                                 "a quarter of GT in each dimension")
+
+
 def _clip_source(args: argparse.Namespace):
     """The clips of ``--data`` (read and checked now), as a function that yields (name, gt, lq)."""
     from megan_fast import data
@@ -79,6 +96,7 @@ def _clip_source(args: argparse.Namespace):
 
             return vimeo
         folders = data.VideoFolderClips(args.data, lq_root=args.lq, mode="eval")
+        _check_clip_sizes(folders)
         return folders.iter_clips
     except (ValueError, OSError) as exc:
         raise InputError(f"--data {args.data!r}: {exc}") from None

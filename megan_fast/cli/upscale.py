@@ -86,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
         raise TooShortError(f"{src}: the clip has {info.num_frames} frames; the model needs at least {n_in}")
     if info.orientation:
         print(f"{src}: the video is shown {info.orientation}; the frames are turned to match")
+    if info.dropped_streams:
+        warnings.warn(f"{src}: {info.dropped_streams} subtitle, data or further video stream(s) are not copied "
+                      "(the first video stream and every audio stream are)", stacklevel=1)
     if device.type == "cpu":
         # Recurrent states of small models decay into denormal floats, which slow CPU arithmetic ~10x.
         torch.set_flush_denormal(True)

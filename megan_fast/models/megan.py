@@ -244,6 +244,8 @@ class MEGAN(nn.Module):
             model = cls(MEGANConfig.from_dict(config, source=config_path))
         except ConfigError as exc:
             raise CheckpointError(str(exc)) from None
+        except (RuntimeError, MemoryError) as exc:  # a config too large for this machine's memory
+            raise CheckpointError(f"{config_path}: cannot build this model here ({str(exc).splitlines()[0]})") from None
         try:
             state = load_file(weights_path, device=str(map_location))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -252,6 +254,10 @@ class MEGAN(nn.Module):
             model.load_state_dict(state)
         except CheckpointError as exc:
             raise CheckpointError(f"{weights_path}: {exc}") from None
+        broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if broken:
+            raise CheckpointError(f"{weights_path}: {len(broken)} tensor(s) hold NaN or infinite weights "
+                                  f"(e.g. {broken[0]!r}); the model would give garbage")
         return model
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
