@@ -179,6 +179,13 @@ class Terminated(BaseException):
 
 
 _signalled: list[int] = []  # signals whose exception may have been swallowed (raised inside an "ignored" context)
+_ignore_after = [False]
+
+
+def ignore_signals_after() -> None:
+    """When the :func:`sigterm_raises` block ends, ignore SIGINT and SIGTERM instead of restoring the old
+    handlers: for a process that is exiting after an interruption (its teardown must not be cut short)."""
+    _ignore_after[0] = True
 
 
 def raise_if_signalled() -> None:
@@ -188,9 +195,9 @@ def raise_if_signalled() -> None:
     a ``__del__`` is printed as "Exception ignored" and dropped; long loops
     call this once per step so that such a signal still ends the run.
     """
-    if _signalled:
-        signum = _signalled.pop()
-        _signalled.clear()
+    if len(_signalled) == 1:
+        signum = _signalled[0]
+        _signalled.append(signum)  # raised once only
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
@@ -198,7 +205,10 @@ def raise_if_signalled() -> None:
 def sigterm_raises() -> Iterator[None]:
     """SIGTERM raises :class:`Terminated` and SIGINT KeyboardInterrupt, so ``finally`` blocks remove temporaries.
 
-    Each signal is also remembered for :func:`raise_if_signalled`.
+    Each signal is also remembered for :func:`raise_if_signalled`.  Only the
+    first raises: a second (a double Ctrl-C, a scheduler's repeated SIGTERM)
+    is ignored so that it cannot interrupt the cleanup; a third ends the
+    process at once.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -206,7 +216,12 @@ def sigterm_raises() -> Iterator[None]:
 
     def on_signal(signum, frame):
         _signalled.append(signum)
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        if len(_signalled) == 1:
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        if len(_signalled) >= 3:  # a third: the user insists; stop at once (temporaries may stay)
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        # A second one is ignored: it must not cut the cleanup of the first short.
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -214,7 +229,10 @@ def sigterm_raises() -> Iterator[None]:
     finally:
         _signalled.clear()
         for s, handler in previous.items():
+            if _ignore_after[0]:
+                handler = signal.SIG_IGN
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        _ignore_after[0] = False
 
 
 @contextlib.contextmanager
@@ -431,7 +449,8 @@ def check_output(
     real = os.path.realpath(absolute)
     if existing != "replace" and kind.folder and os.path.islink(out.path) and os.path.isdir(out.path):
         out.path = real  # a folder written into, not replaced: a link to one (scratch space) is followed
-    if _within(os.path.realpath(os.getcwd()), real):
+    if existing == "replace" and _within(os.path.realpath(os.getcwd()), real):
+        # (a folder that is written into, not replaced, may be the working folder: `cd run && train --resume`)
         raise OutputError(f"{out._describe()} is the working folder or contains it; give a new path")
     for name, inp in inputs:
         if inp is None:
@@ -449,9 +468,9 @@ def check_output(
         name_max = os.pathconf(parent if os.path.isdir(parent) else "/", "PC_NAME_MAX")
     except (OSError, ValueError):
         name_max = 255
-    if len(os.fsencode(os.path.basename(absolute))) + len(".megan-fast-xxxxxxxx-old") > name_max:
-        raise OutputError(f"{out._describe()}: the name is too long for this file system "
-                          f"(at most about {name_max - 24} bytes); choose a shorter one")
+    if len(os.fsencode(os.path.basename(absolute))) > name_max:
+        raise OutputError(f"{out._describe()}: the name is too long for this file system (at most {name_max} "
+                          "bytes); choose a shorter one")
     for name, inp in inputs:  # an input folder's entries may be links to files inside the output
         if inp is not None and os.path.isdir(inp):
             for linked in _linked_entries(os.fspath(inp)):

@@ -132,11 +132,17 @@ class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
-                                                        key_node.start_mark)
-            seen.add(key)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, f"a key must be a plain value, got {key!r}",
+                                                        key_node.start_mark) from None
         return super().construct_mapping(node, deep=deep)
 
 
@@ -381,14 +387,22 @@ RUN_ENTRIES = (CONFIG_NAME, "checkpoints", "model", "tensorboard")
 
 
 def _never_saved(run: str) -> bool:
-    """Whether ``run`` holds only what a start killed before its first checkpoint leaves (our config.yaml, an
-    empty checkpoints folder): such a folder may be started again."""
+    """Whether ``run`` holds only what a start killed before its first checkpoint leaves (our config.yaml, a
+    checkpoints folder with at most a temporary in it): such a folder may be started again."""
     if not os.path.isdir(run):
         return False
     names = {n for n in os.listdir(run) if not outputs.TMP_NAME.fullmatch(n)}
     ckpts = os.path.join(run, "checkpoints")
-    return (names <= {CONFIG_NAME, "checkpoints"} and CONFIG_NAME in names and outputs.is_ours(os.path.join(run, CONFIG_NAME))
-            and (not os.path.exists(ckpts) or (os.path.isdir(ckpts) and not os.listdir(ckpts))))
+    if not names <= {CONFIG_NAME, "checkpoints"}:
+        return False
+    if CONFIG_NAME in names and not outputs.is_ours(os.path.join(run, CONFIG_NAME)):
+        return False
+    if "checkpoints" in names:
+        if os.path.islink(ckpts) or not os.path.isdir(ckpts):
+            return False
+        if any(not outputs.TMP_NAME.fullmatch(n) for n in os.listdir(ckpts)):
+            return False
+    return True
 
 
 def check_output_dir(cfg: dict, resume: bool, inputs: list[tuple[str, str | None]] = ()) -> outputs.Output:
@@ -409,10 +423,18 @@ def check_output_dir(cfg: dict, resume: bool, inputs: list[tuple[str, str | None
         if os.path.islink(os.path.join(out.path, name)):
             raise outputs.OutputError(f"output_dir {out.shown!r}: {name!r} in it is a symbolic link; a run writes "
                                       "only into folders of its own")
-    for _, path in _checkpoints(ckpt_dir):
-        if os.path.islink(path):
-            raise outputs.OutputError(f"output_dir {out.shown!r}: {os.path.relpath(path, out.path)!r} is a "
-                                      "symbolic link; a run writes only into files of its own")
+    model_dir = os.path.join(out.path, "model")
+    for name in ("checkpoints", "model", "tensorboard"):
+        path = os.path.join(out.path, name)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise outputs.OutputError(f"output_dir {out.shown!r}: {name!r} in it is a file; a run keeps a folder "
+                                      "there")
+    mine = [path for _, path in _checkpoints(ckpt_dir)]
+    mine += [os.path.join(model_dir, n) for n in ("config.json", "model.safetensors")]
+    for path in mine:
+        if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)):
+            raise outputs.OutputError(f"output_dir {out.shown!r}: {os.path.relpath(path, out.path)!r} is not a "
+                                      "file of the run's own (a link or a folder); a run writes only its own files")
     held = sorted(n for n in os.listdir(out.path) if not outputs.TMP_NAME.fullmatch(n)) \
         if os.path.isdir(out.path) else []
     if not resume and _never_saved(out.path):
@@ -457,10 +479,11 @@ def _check_items(config: MEGANConfig, train_set, val_set) -> None:
                               "targets; MEGAN upscales x4 (scale 4, LR frames a quarter of GT)")
 
 
-def _undo_start(out_dir: str, existed: set[str] | None) -> None:
+def _undo_start(out_dir: str, existed: set[str] | None, made: list[str] = ()) -> None:
     """After a run that saved no checkpoint fails: removes what it wrote (its config.yaml, the folders it made),
     so that the same command can simply be run again.  ``existed``: the names in ``out_dir`` before the run
-    wrote anything (None: there was no ``out_dir``).  Nothing the run did not write is touched."""
+    wrote anything (None: there was no ``out_dir``); ``made``: missing parent folders it created, innermost
+    first.  Nothing the run did not write is touched."""
     import shutil
 
     before = existed or set()
@@ -472,7 +495,7 @@ def _undo_start(out_dir: str, existed: set[str] | None) -> None:
         shutil.rmtree(tb, ignore_errors=True)
     folders = ([os.path.join(out_dir, "checkpoints")] if "checkpoints" not in before else []) + \
         ([out_dir] if existed is None else [])
-    for path in folders:
+    for path in [*folders, *made]:
         with contextlib.suppress(OSError):
             os.rmdir(path)  # only if empty
 
@@ -506,10 +529,20 @@ def _worker_init(worker_id: int) -> None:
     before this point is pending: ignoring first, then unblocking, discards it."""
     import signal
 
+    import threading
+
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    default_hook = threading.excepthook
+
+    def quiet(args):
+        # A tensor handed over while the main process stopped: its helper thread loses the connection.
+        if not issubclass(args.exc_type, (ConnectionError, EOFError)):
+            default_hook(args)
+
+    threading.excepthook = quiet
 
 
 def train(cfg: dict, resume: bool = False, device: str | None = None, progress: bool = True,
@@ -583,7 +616,11 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
     val_psnr = None
     saved = None
     existed = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else None
-    writer = bar = None
+    made, parent = [], os.path.dirname(out_dir)  # parent folders this run will create
+    while parent and not os.path.exists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
+    writer = bar = batches = None
     try:
         if rank == 0:
             os.makedirs(ckpt_dir, exist_ok=True)
@@ -656,13 +693,15 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
                 if it >= end or it % per_epoch == 0:
                     break
             with outputs.signals_held():  # ... and are joined here
-                del batches
+                batches = None
     except BaseException:
+        with outputs.signals_held():  # stop the data workers now, not whenever the iterator is collected
+            del batches
         if writer is not None:
             writer.close()
             writer = None
         if rank == 0 and not resume and latest_checkpoint(out_dir) is None:
-            _undo_start(out_dir, existed)  # a failed start leaves nothing: the same command can be run again
+            _undo_start(out_dir, existed, made)  # a failed start leaves nothing: the same command can be run again
         raise
     finally:
         if bar is not None:

@@ -162,6 +162,23 @@ def probe(path: str, folder_fps: float = 25.0) -> VideoInfo:
         raise VideoError(f"{path}: cannot be read as a video ({exc})") from None
 
 
+def _stream_duration(stream, container) -> float | None:
+    """Seconds the video stream declares: its own duration, Matroska's DURATION tag, or (a file with nothing
+    but this stream) the container's; None if unknown (an audio track may outlast the video)."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = {k.upper(): v for k, v in stream.metadata.items()}.get("DURATION")
+    if tag:
+        try:
+            h, m, sec = tag.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(sec)
+        except ValueError:
+            pass
+    if container.duration and len(container.streams) == 1:
+        return container.duration / 1e6
+    return None
+
+
 class FrameReader:
     """Iterates ``(time, frame)`` over a video file or frame folder, in presentation order.
 
@@ -224,10 +241,7 @@ class FrameReader:
             self.declared = stream.frames or None
             rate = stream.average_rate or stream.guessed_rate or fractions.Fraction(25)
             self.rate = fractions.Fraction(rate)
-            if stream.duration and stream.time_base:
-                self.duration = float(stream.duration * stream.time_base)
-            elif container.duration:
-                self.duration = container.duration / 1e6
+            self.duration = _stream_duration(stream, container)
             start = last = None
             frames = container.decode(stream)
             while True:

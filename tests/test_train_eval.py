@@ -436,3 +436,105 @@ def test_eval_checks_clip_sizes_first(tmp_path, capsys):
                  "cpu"]) == 2
     err = capsys.readouterr().err
     assert "clip 'odd': frames are 30x30" in err and "multiples of 4" in err and "odd:" not in err.split("error")[0]
+
+
+@pytest.mark.parametrize("left", ["empty checkpoints", "config and a temporary"])
+def test_what_a_killed_start_leaves_can_be_started_again(tmp_path, vimeo, left):
+    cfg = load_config(write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=1))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    if left == "config and a temporary":
+        (tmp_path / "run" / "config.yaml").write_text("# megan-fast 0.1.0 train: the resolved config of this run\n")
+        (tmp_path / "run" / "checkpoints" / ".megan-fast-adravtfw.pt").write_bytes(b"half a checkpoint")
+    assert train(cfg, device="cpu", progress=False).iteration == 1
+
+
+def test_a_failed_start_removes_the_parent_folders_it_made(tmp_path, vimeo, monkeypatch):
+    import megan_fast.training as training
+
+    cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "deep" / "x" / "run", iterations=1)
+    monkeypatch.setattr(training, "charbonnier", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["train", "--config", cfg, "--device", "cpu"]) == 130
+    assert sorted(os.listdir(tmp_path)) == ["c.yaml"]
+
+
+def test_yaml_merge_keys_and_odd_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train: &tr {type: folder, root: x, crop: 2}\n  val: {<<: *tr, crop: null}\n")
+    cfg = load_config(str(path))
+    assert cfg["data"]["val"] == {"type": "folder", "root": "x", "crop": None}
+    path.write_text("name: t\n? [a, b]\n: 1\n")
+    with pytest.raises(ConfigError, match="a key must be a plain value"):
+        load_config(str(path))
+
+
+def test_resume_refuses_a_model_folder_that_is_not_the_runs_own(tmp_path, vimeo, capsys):
+    cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=3)
+    assert main(["train", "--config", cfg, "--device", "cpu", "--stop-at", "1"]) == 0
+    model = tmp_path / "run" / "model"
+    (model / "config.json").unlink()
+    (tmp_path / "mine.json").write_text("precious")
+    (model / "config.json").symlink_to(tmp_path / "mine.json")
+    before = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    assert main(["train", "--config", cfg, "--device", "cpu", "--resume"]) == 2
+    assert "'model/config.json' is not a file of the run's own" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == before  # refused before any training
+    (model / "config.json").unlink()
+    os.rename(model, tmp_path / "model_moved")
+    model.write_text("a file")
+    assert main(["train", "--config", cfg, "--device", "cpu", "--resume"]) == 2
+    assert "'model' in it is a file" in capsys.readouterr().err
+    assert (tmp_path / "mine.json").read_text() == "precious"
+
+
+def test_resume_from_inside_the_run_folder(tmp_path, vimeo, monkeypatch, capsys):
+    cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=2)
+    assert main(["train", "--config", cfg, "--device", "cpu", "--stop-at", "1"]) == 0
+    monkeypatch.chdir(tmp_path / "run")
+    assert main(["train", "--config", "config.yaml", "--device", "cpu", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iteration"] == 2
+
+
+def test_eval_checks_every_frame_size_first(tmp_path, vimeo, capsys, monkeypatch):
+    import megan_fast.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("the model ran before the check"))
+    torch.manual_seed(0)
+    MEGAN(**TINY).save_pretrained(tmp_path / "ckpt")
+    synthetic.write_clip_folder(synthetic.make_clip("coffee", 7, size=(16, 16), seed=1), str(tmp_path / "ev" / "a"))
+    clip_b = synthetic.make_clip("coffee", 7, size=(16, 16), seed=2)
+    synthetic.write_clip_folder(clip_b[:5], str(tmp_path / "ev" / "b"))
+    synthetic.write_clip_folder(synthetic.make_clip("coffee", 2, size=(20, 20)), str(tmp_path / "ev" / "b"), start=5)
+    args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu"]
+    assert main([*args, "--data", str(tmp_path / "ev")]) == 2
+    assert "clip 'b': frame 00005.png is 20x20 but 00000.png is 16x16" in capsys.readouterr().err
+    odd = {"00001/0001": synthetic.make_clip("rocket", 7, size=(32, 32)),
+           "00001/0002": synthetic.make_clip("rocket", 7, size=(30, 30))}
+    synthetic.write_vimeo_layout(str(tmp_path / "vimeo_odd"), odd)
+    assert main([*args, "--data", str(tmp_path / "vimeo_odd")]) == 2
+    assert "clip '00001/0002': frames are 30x30" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_repeated_signal_does_not_break_the_cleanup(tmp_path, vimeo, sig):
+    import signal
+    import time
+
+    cfg = yaml.safe_load(open(write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=100000)))
+    cfg["data"]["num_workers"] = 2
+    cfg["data"].pop("val")
+    cfg["logging"]["save_every"] = 1000
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "megan_fast", "train", "--config", str(tmp_path / "c.yaml"),
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not (tmp_path / "run" / "config.yaml").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    for _ in range(2):  # a double Ctrl-C
+        os.killpg(proc.pid, getattr(signal, sig))
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == (130 if sig == "SIGINT" else 143), err[-3000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    assert not (tmp_path / "run").exists()  # no checkpoint yet: the start was taken back

@@ -426,3 +426,18 @@ def test_non_finite_weights_are_refused(tmp_path, capsys):
     src = make_video(tmp_path / "in.mp4", audio=False)
     assert main(["upscale", src, str(tmp_path / "o.mp4"), "--checkpoint", path]) == 2
     assert "hold NaN or infinite weights (e.g. 'reconstruction.conv_last.weight')" in capsys.readouterr().err
+
+
+def test_audio_longer_than_the_video_is_no_truncation(tmp_path, checkpoint, capsys):
+    src = make_video(tmp_path / "short_video.mkv", frames=5, fps=10, audio=True)  # 0.5 s of video, 0.77 s of audio
+    with av.open(src) as c:
+        assert c.duration / 1e6 > 0.7
+    assert main(["upscale", src, str(tmp_path / "o.mkv"), "--checkpoint", checkpoint]) == 0
+    assert "truncated" not in capsys.readouterr().err
+
+
+def test_long_but_legal_names_are_accepted(tmp_path, checkpoint):
+    src = make_video(tmp_path / "in.mp4", audio=False)
+    name = "a" * 236 + ".mp4"  # 240 bytes: within NAME_MAX (255)
+    assert main(["upscale", src, str(tmp_path / name), "--checkpoint", checkpoint]) == 0
+    assert os.path.isfile(tmp_path / name)

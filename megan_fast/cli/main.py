@@ -130,14 +130,16 @@ def main(argv: list[str] | None = None) -> int:
             where = f": {exc.filename}" if exc.filename else ""
             print(f"{name}: error: {exc.strerror or exc}{where}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, outputs.Terminated) as exc:
             outputs.remove_leftovers()
-            print(f"{name}: interrupted; nothing half-written was left", file=sys.stderr)
-            return 130
-        except outputs.Terminated:
-            outputs.remove_leftovers()
-            print(f"{name}: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
-            return 143
+            interrupted = type(exc)  # not the exception: its traceback would keep the command's objects alive
+            if argv is None:  # the process is ending: a repeated signal must not break its teardown
+                outputs.ignore_signals_after()
+    if interrupted is KeyboardInterrupt:
+        print(f"{name}: interrupted; nothing half-written was left", file=sys.stderr)
+        return 130
+    print(f"{name}: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
+    return 143
 
 
 if __name__ == "__main__":

@@ -61,21 +61,31 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_clip_sizes(folders) -> None:
-    """Every clip's frame sizes fit the x4 protocol, from the first frames' headers, before the model runs."""
+def _check_clip_sizes(clips) -> None:
+    """Every frame's size fits the x4 protocol, from the files' headers, before the model runs.
+
+    Args:
+        clips: (name, GT frame paths, LR frame paths or None) per clip.
+    """
     from megan_fast.images import image_size
 
-    for name in folders.clip_names:
-        w, h = image_size(folders.gt_paths[name][0])
-        if folders.lq_root is None:
+    for name, gt_paths, lq_paths in clips:
+        sizes = {p: image_size(p) for p in gt_paths}
+        w, h = sizes[gt_paths[0]]
+        for path, size in sizes.items():
+            if size != (w, h):
+                raise InputError(f"clip {name!r}: frame {os.path.basename(path)} is {size[0]}x{size[1]} but "
+                                 f"{os.path.basename(gt_paths[0])} is {w}x{h}; the frames of a clip must have one size")
+        if lq_paths is None:
             if w % 4 or h % 4:
                 raise InputError(f"clip {name!r}: frames are {w}x{h}; LR frames are made by x4 downscaling, so "
                                  "both sides must be multiples of 4 (crop the clip, or give --lq)")
-        else:
-            lw, lh = image_size(folders.lq_paths[name][0])
+            continue
+        for path in lq_paths:
+            lw, lh = image_size(path)
             if (4 * lw, 4 * lh) != (w, h):
-                raise InputError(f"clip {name!r}: LR frames are {lw}x{lh} but GT frames are {w}x{h}; LR must be "
-                                 "a quarter of GT in each dimension")
+                raise InputError(f"clip {name!r}: LR frame {os.path.basename(path)} is {lw}x{lh} but GT frames "
+                                 f"are {w}x{h}; LR must be a quarter of GT in each dimension")
 
 
 def _clip_source(args: argparse.Namespace):
@@ -85,6 +95,10 @@ def _clip_source(args: argparse.Namespace):
     try:
         if os.path.isdir(os.path.join(args.data, "sequences")):
             ds = data.Vimeo90KSeptuplet(args.data, split=args.split, lq_root=args.lq)
+            _check_clip_sizes(
+                (key, [os.path.join(ds.seq_dir, key, f"im{i}.png") for i in range(1, 8)],
+                 [os.path.join(ds.lq_seq_dir, key, f"im{i}.png") for i in range(1, 8, 2)] if ds.lq_seq_dir else None)
+                for key in ds.keys)
 
             def vimeo():
                 for i in range(len(ds)):
@@ -96,7 +110,7 @@ def _clip_source(args: argparse.Namespace):
 
             return vimeo
         folders = data.VideoFolderClips(args.data, lq_root=args.lq, mode="eval")
-        _check_clip_sizes(folders)
+        _check_clip_sizes((n, folders.gt_paths[n], folders.lq_paths.get(n)) for n in folders.clip_names)
         return folders.iter_clips
     except (ValueError, OSError) as exc:
         raise InputError(f"--data {args.data!r}: {exc}") from None
