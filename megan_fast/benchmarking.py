@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from typing import Callable
 
 import torch
@@ -206,3 +207,36 @@ def cuda_peak_mib(fn: Callable[[], None]) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_forward(model, window, runs: int = 3) -> dict:
+    """Times one inference forward pass on ``window`` (1, n_in, 3, h, w) with backends "auto" and "stock".
+
+    One warm-up pass per backend, then ``runs`` timed passes, alternating
+    between the backends (so that load from other processes hits both alike).
+
+    Returns:
+        {"auto_s", "stock_s" (medians, seconds), "speedup" (stock / auto),
+        "runs", "auto_backends" ({op: backend that "auto" picks on this device})}.
+    """
+    from megan_fast.ops import _backend
+
+    cuda = window.device.type == "cuda"
+    steps = {b: model_step(model, b, window, train=False) for b in ("auto", "stock")}
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {b: [] for b in steps}
+    for _ in range(runs):
+        for b, step in steps.items():
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            times[b].append(time.perf_counter() - start)
+    med = {b: sorted(ts)[len(ts) // 2] for b, ts in times.items()}
+    with use_backend("auto"):
+        chosen = {r["op"]: r["backend"] for r in _backend.describe() if r["device"] == window.device.type}
+    return {"auto_s": med["auto"], "stock_s": med["stock"], "speedup": med["stock"] / med["auto"],
+            "runs": runs, "auto_backends": chosen}

@@ -23,6 +23,10 @@ import torch
 from torch import Tensor
 
 from megan_fast.inference import run_window, window_starts
+from megan_fast.models.baseline import bicubic_blend
+
+
+__all__ = ["ClipScore", "bicubic_blend", "evaluate", "format_table", "predict_clip", "score_clip", "score_frames"]
 
 
 @dataclasses.dataclass
@@ -30,23 +34,6 @@ class ClipScore:
     psnr_y: float
     ssim_y: float
     frames: int
-
-
-def bicubic_blend(lq: Tensor) -> Tensor:
-    """Baseline for a window: (..., n_in, 3, h, w) -> (..., 2*n_in - 1, 3, 4h, 4w).
-
-    Bicubic x4 (MATLAB ``imresize``) of each input frame; each in-between
-    frame is the mean of its two upscaled neighbours.  Also the global skip
-    connection of ``MEGANConfig(global_skip=True)``.
-    """
-    from megan_fast.data.imresize import imresize
-
-    n = lq.shape[-4]
-    up = imresize(lq, scale=4.0)
-    out = up.new_empty(*up.shape[:-4], 2 * n - 1, *up.shape[-3:])
-    out[..., 0::2, :, :, :] = up
-    out[..., 1::2, :, :, :] = (up[..., :-1, :, :, :] + up[..., 1:, :, :, :]) / 2
-    return out
 
 
 def predict_clip(predict: Callable[[Tensor], Tensor], gt: Tensor, lq: Tensor, n_in: int) -> dict[int, Tensor]:
@@ -76,6 +63,32 @@ def score_clip(preds: dict[int, Tensor], gt: Tensor) -> ClipScore:
         psnrs.append(calculate_psnr(a, b, crop_border=0, test_y_channel=True))
         ssims.append(calculate_ssim(a, b, crop_border=0, test_y_channel=True))
     return ClipScore(float(np.mean(psnrs)), float(np.mean(ssims)), len(psnrs))
+
+
+def score_frames(pred: Tensor, gt: Tensor) -> dict:
+    """Y-PSNR / Y-SSIM (uint8-rounded, crop_border 0) of (T, 3, H, W) frames against GT, per frame group.
+
+    Returns:
+        {"inputs" | "interpolated" | "all": {"psnr_y", "ssim_y", "frames"},
+        "per_frame": {"psnr_y": [...], "ssim_y": [...]}}; averages are means
+        of the per-frame values (frames 0, 2, ... re-make inputs, 1, 3, ...
+        are interpolated).
+    """
+    from megan_fast.metrics import psnr_y, ssim_y
+
+    psnr = psnr_y(pred, gt).tolist()
+    ssim = ssim_y(pred, gt).tolist()
+    groups = {"inputs": range(0, len(psnr), 2), "interpolated": range(1, len(psnr), 2), "all": range(len(psnr))}
+    out: dict = {
+        name: {
+            "psnr_y": sum(psnr[i] for i in idx) / len(idx),
+            "ssim_y": sum(ssim[i] for i in idx) / len(idx),
+            "frames": len(idx),
+        }
+        for name, idx in groups.items()
+    }
+    out["per_frame"] = {"psnr_y": psnr, "ssim_y": ssim}
+    return out
 
 
 def evaluate(

@@ -385,7 +385,7 @@ def test_configs_that_do_not_fit_the_data_fail_before_writing(tmp_path, vimeo, c
 
 
 def test_a_failed_start_can_simply_be_run_again(tmp_path, vimeo, capsys, monkeypatch):
-    import megan_fast.training as training
+    import megan_fast.training.loop as training
 
     cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=1)
     real = training.charbonnier
@@ -449,7 +449,7 @@ def test_what_a_killed_start_leaves_can_be_started_again(tmp_path, vimeo, left):
 
 
 def test_a_failed_start_removes_the_parent_folders_it_made(tmp_path, vimeo, monkeypatch):
-    import megan_fast.training as training
+    import megan_fast.training.loop as training
 
     cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "deep" / "x" / "run", iterations=1)
     monkeypatch.setattr(training, "charbonnier", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))

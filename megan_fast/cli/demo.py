@@ -1,7 +1,7 @@
 """``megan-fast demo``: MEGAN against the bicubic baseline on a real-texture clip, with pictures and timings.
 
 The clip is a virtual camera moving over one of scikit-image's bundled photos
-(:func:`megan_fast.data.synthetic.make_clip`), by default "chelsea", which the
+(:func:`megan_fast.data.photos.make_clip`), by default "chelsea", which the
 training configs hold out.  The ground truth (GT) is rounded to 8-bit levels,
 as if read from PNG files; the low-resolution, low-frame-rate input is made
 exactly as the training data makes it: GT frames 0, 2, 4, ... downscaled x4
@@ -122,38 +122,12 @@ def make_demo_clip(photo: str, frames: int, size: tuple[int, int], motion: str =
     """
     import torch
 
-    from megan_fast.data.datasets import _make_lq
-    from megan_fast.data.synthetic import make_clip
+    from megan_fast.data.items import make_lq
+    from megan_fast.data.photos import make_clip
 
     clip = make_clip(photo, frames, size, motion=motion, speed=speed, seed=seed, view_scale=view_scale)
     gt = clip.clamp(0, 1).mul(255).round().to(torch.uint8).float().div_(255)
-    return gt, _make_lq(gt[0::2], 4, quantize=True)
-
-
-def score(pred, gt) -> dict:
-    """Y-PSNR / Y-SSIM (uint8-rounded, crop_border 0) of (T, 3, H, W) frames against GT, per frame group.
-
-    Returns:
-        {"inputs" | "interpolated" | "all": {"psnr_y", "ssim_y", "frames"},
-        "per_frame": {"psnr_y": [...], "ssim_y": [...]}}; averages are means
-        of the per-frame values (frames 0, 2, ... re-make inputs, 1, 3, ...
-        are interpolated).
-    """
-    from megan_fast.metrics import psnr_y, ssim_y
-
-    psnr = psnr_y(pred, gt).tolist()
-    ssim = ssim_y(pred, gt).tolist()
-    groups = {"inputs": range(0, len(psnr), 2), "interpolated": range(1, len(psnr), 2), "all": range(len(psnr))}
-    out: dict = {
-        name: {
-            "psnr_y": sum(psnr[i] for i in idx) / len(idx),
-            "ssim_y": sum(ssim[i] for i in idx) / len(idx),
-            "frames": len(idx),
-        }
-        for name, idx in groups.items()
-    }
-    out["per_frame"] = {"psnr_y": psnr, "ssim_y": ssim}
-    return out
+    return gt, make_lq(gt[0::2], 4, quantize=True)
 
 
 def _hcat(panels, gap: int):
@@ -215,42 +189,6 @@ def _write_video(rows: list, out: outputs.Output, fps: fractions.Fraction) -> No
             raise
 
 
-def bench_forward(model, window, runs: int = 3) -> dict:
-    """Times one inference forward pass on ``window`` (1, n_in, 3, h, w) with backends "auto" and "stock".
-
-    One warm-up pass per backend, then ``runs`` timed passes, alternating
-    between the backends (so that load from other processes hits both alike).
-
-    Returns:
-        {"auto_s", "stock_s" (medians, seconds), "speedup" (stock / auto),
-        "runs", "auto_backends" ({op: backend that "auto" picks on this device})}.
-    """
-    import torch
-
-    from megan_fast.benchmarking import model_step
-    from megan_fast.ops import _backend, use_backend
-
-    cuda = window.device.type == "cuda"
-    steps = {b: model_step(model, b, window, train=False) for b in ("auto", "stock")}
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {b: [] for b in steps}
-    for _ in range(runs):
-        for b, step in steps.items():
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if cuda:
-                torch.cuda.synchronize()
-            times[b].append(time.perf_counter() - start)
-    med = {b: sorted(ts)[len(ts) // 2] for b, ts in times.items()}
-    with use_backend("auto"):
-        chosen = {r["op"]: r["backend"] for r in _backend.describe() if r["device"] == window.device.type}
-    return {"auto_s": med["auto"], "stock_s": med["stock"], "speedup": med["stock"] / med["auto"],
-            "runs": runs, "auto_backends": chosen}
-
-
 def format_table(scores: dict) -> str:
     """The MEGAN vs bicubic table printed by the demo."""
     m, b = scores["megan"], scores["bicubic"]
@@ -262,23 +200,75 @@ def format_table(scores: dict) -> str:
     return "\n".join(lines)
 
 
+def _checkpoint(args: argparse.Namespace) -> str:
+    """The checkpoint folder to use; raises UsageError if its files are missing."""
+    checkpoint = args.checkpoint or DEMO_CHECKPOINT
+    missing = [n for n in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(checkpoint, n))]
+    if missing:
+        what = "the bundled demo checkpoint" if args.checkpoint is None else "--checkpoint"
+        raise UsageError(f"{what} is missing: no {' or '.join(missing)} in {checkpoint!r}; pass --checkpoint DIR "
+                         "with a model folder (config.json + model.safetensors, as written by megan-fast train)")
+    return checkpoint
+
+
+def _strip(rows: list):
+    """One re-made input frame above the middle interpolated frame; returns (picture, [frame numbers])."""
+    import torch
+
+    t = len(rows)
+    interp = t // 2 if (t // 2) % 2 else t // 2 - 1  # middle interpolated frame
+    frames = [interp - 1, interp]
+    gap = rows[0].new_ones(3, GAP, rows[0].shape[-1])
+    return torch.cat([rows[frames[0]], gap, rows[frames[1]]], -2), frames
+
+
+def _write_outputs(out: outputs.Output, rows: list, strip, megan, fps: fractions.Fraction, make_report) -> None:
+    """Video, strip, frames, then metrics.json (``make_report()`` may run the benchmark); a first run that
+    fails leaves no folder behind."""
+    from megan_fast.images import save_png
+
+    created = not os.path.exists(out.path)
+    os.makedirs(out.path, exist_ok=True)
+    try:
+        _write_video(rows, out.child(VIDEO_NAME, _FILES[VIDEO_NAME]), fps * 2)
+        with out.child(STRIP_NAME, _FILES[STRIP_NAME]).atomic_file() as tmp:
+            save_png(strip, tmp)
+        _write_frames(megan, os.path.join(out.path, FRAMES_DIR))
+        outputs.write_json(make_report(), out.child(METRICS_NAME, _FILES[METRICS_NAME]), "demo")
+    except BaseException:
+        if created:
+            _remove_own(out.path)
+        raise
+
+
+def _bench(args: argparse.Namespace, model, lq, device):
+    """The auto-vs-stock timing of one forward pass, or None with --no-bench."""
+    from megan_fast.benchmarking import bench_forward
+
+    if args.no_bench:
+        return None
+    n_in = model.config.num_input_frames
+    print(f"timing one forward pass on the {n_in}-frame input window ({lq.shape[-2]}x{lq.shape[-1]}), "
+          f"backends auto and stock, {args.bench_runs} run(s) each after a warm-up ...")
+    bench = bench_forward(model, lq[:n_in].unsqueeze(0).to(device), args.bench_runs)
+    print(f"forward: fused (auto) {bench['auto_s'] * 1e3:.0f} ms, stock {bench['stock_s'] * 1e3:.0f} ms "
+          f"-> {bench['speedup']:.2f}x")
+    return bench
+
+
 def run(args: argparse.Namespace) -> int:
     start_all = time.perf_counter()
     if args.frames % 2 == 0:
         raise UsageError(f"--frames must be odd and at least 3, got {args.frames}")
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
     out = check_output(args.output, args.overwrite, inputs=[("--checkpoint", checkpoint)])
-    out_dir = out.shown
-    missing = [n for n in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(checkpoint, n))]
-    if missing:
-        what = "the bundled demo checkpoint" if args.checkpoint is None else "--checkpoint"
-        raise UsageError(f"{what} is missing: no {' or '.join(missing)} in {checkpoint!r}; pass --checkpoint DIR "
-                         "with a model folder (config.json + model.safetensors, as written by megan-fast train)")
+    checkpoint = _checkpoint(args)
 
     import torch
 
-    from megan_fast.evaluation import bicubic_blend
+    from megan_fast.evaluation import score_frames
     from megan_fast.inference import upscale_frames
+    from megan_fast.models.baseline import bicubic_blend
 
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -303,36 +293,21 @@ def run(args: argparse.Namespace) -> int:
     megan = upscale_frames(model, lq).float().clamp(0, 1)
     upscale_s = time.perf_counter() - t0
     bicubic = bicubic_blend(lq).clamp(0, 1)
-    scores = {"megan": score(megan, gt), "bicubic": score(bicubic, gt)}
+    scores = {"megan": score_frames(megan, gt), "bicubic": score_frames(bicubic, gt)}
     print(f"MEGAN: {megan.shape[0]} frames {h}x{w} in {upscale_s:.2f} s")
     print()
     print(format_table(scores))
     print()
 
     rows = [panel_row(t, lq, bicubic, megan, gt) for t in range(gt.shape[0])]
-    interp = gt.shape[0] // 2 if (gt.shape[0] // 2) % 2 else gt.shape[0] // 2 - 1  # middle interpolated frame
-    strip_frames = [interp - 1, interp]
-    strip = torch.cat([rows[strip_frames[0]], rows[0].new_ones(3, GAP, rows[0].shape[-1]), rows[strip_frames[1]]], -2)
+    strip, strip_frames = _strip(rows)
     fps = fractions.Fraction(args.fps).limit_denominator(1001)
+    bench = None
 
-    from megan_fast.images import save_png
-
-    created = not os.path.exists(out.path)
-    os.makedirs(out.path, exist_ok=True)
-    try:
-        _write_video(rows, out.child(VIDEO_NAME, _FILES[VIDEO_NAME]), fps * 2)
-        with out.child(STRIP_NAME, _FILES[STRIP_NAME]).atomic_file() as tmp:
-            save_png(strip, tmp)
-        _write_frames(megan, os.path.join(out.path, FRAMES_DIR))
-        bench = None
-        if not args.no_bench:
-            print(f"timing one forward pass on the {n_in}-frame input window ({h // 4}x{w // 4}), "
-                  f"backends auto and stock, {args.bench_runs} run(s) each after a warm-up ...")
-            bench = bench_forward(model, lq[:n_in].unsqueeze(0).to(device), args.bench_runs)
-            print(f"forward: fused (auto) {bench['auto_s'] * 1e3:.0f} ms, stock {bench['stock_s'] * 1e3:.0f} ms "
-                  f"-> {bench['speedup']:.2f}x")
-
-        report = {
+    def report() -> dict:
+        nonlocal bench
+        bench = _bench(args, model, lq, device)
+        return {
             "clip": {"photo": args.photo, "motion": args.motion, "speed": args.speed, "seed": args.seed,
                      "view_scale": args.view_scale, "gt_frames": gt.shape[0], "gt_size": [h, w],
                      "lr_frames": lq.shape[0], "lr_size": [h // 4, w // 4], "fps_in": float(fps),
@@ -348,14 +323,11 @@ def run(args: argparse.Namespace) -> int:
             "strip_frames": strip_frames,
             "files": {"video": VIDEO_NAME, "strip": STRIP_NAME, "frames": FRAMES_DIR},
         }
-        outputs.write_json(report, out.child(METRICS_NAME, _FILES[METRICS_NAME]), "demo")
-    except BaseException:
-        if created:  # a first run that fails leaves no folder behind
-            _remove_own(out.path)
-        raise
+
+    _write_outputs(out, rows, strip, megan, fps, report)
 
     m, b = scores["megan"]["all"], scores["bicubic"]["all"]
-    print(f"done in {time.perf_counter() - start_all:.1f} s; wrote {os.path.join(out_dir, '')}:")
+    print(f"done in {time.perf_counter() - start_all:.1f} s; wrote {os.path.join(out.shown, '')}:")
     print(f"  {VIDEO_NAME}  panels {' | '.join(PANELS)}, {gt.shape[0]} frames at {float(fps * 2):.3g} fps")
     print(f"  {STRIP_NAME}  rows: re-made input frame {strip_frames[0]}, interpolated frame {strip_frames[1]}")
     print(f"  {METRICS_NAME}, {FRAMES_DIR}/ (MEGAN's output frames)")

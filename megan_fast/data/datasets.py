@@ -32,12 +32,11 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from megan_fast.data.imresize import imresize
+from megan_fast.data.items import augment_clip, check_common, item_generator, make_lq
 from megan_fast.images import list_frames, natural_key, read_image
 
 __all__ = ["Vimeo90KSeptuplet", "VideoFolderClips"]
@@ -62,37 +61,12 @@ def _read_frames(paths: list[str]) -> Tensor:
 # --------------------------------------------------------------------------- item making
 
 
-def _item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    state = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
 def _check_lq_size(gt: Tensor, lq: Tensor, scale: int, gt_path: str, lq_path: str) -> None:
     gh, gw = gt.shape[-2:]
     lh, lw = lq.shape[-2:]
     if lh * scale != gh or lw * scale != gw:
         raise ValueError(f"LR frame {lq_path} is {lw}x{lh} (w x h) but GT frame {gt_path} is {gw}x{gh}; "
                          f"LR must be GT/{scale} in each dimension ({gw // scale}x{gh // scale})")
-
-
-def _augment(lq: Tensor, gt: Tensor, flags: list[bool], transpose_ok: bool) -> tuple[Tensor, Tensor]:
-    hflip, vflip, transpose, reverse = flags
-    if hflip:
-        lq, gt = lq.flip(-1), gt.flip(-1)
-    if vflip:
-        lq, gt = lq.flip(-2), gt.flip(-2)
-    if transpose and transpose_ok:
-        lq, gt = lq.transpose(-2, -1), gt.transpose(-2, -1)
-    if reverse:
-        lq, gt = lq.flip(0), gt.flip(0)
-    return lq.contiguous(), gt.contiguous()
-
-
-def _make_lq(gt_frames: Tensor, scale: int, quantize: bool) -> Tensor:
-    lq = imresize(gt_frames, scale=1.0 / scale).clamp_(0, 1)
-    if quantize:
-        lq = lq.mul_(255).round_().div_(255)
-    return lq
 
 
 def _load_item(
@@ -128,20 +102,11 @@ def _load_item(
         if lq is not None:
             lq = lq[..., top : top + crop, left : left + crop]
     if lq is None:
-        lq = _make_lq(gt[0::2], scale, quantize_lq)
+        lq = make_lq(gt[0::2], scale, quantize_lq)
     if augment:
         flags = (torch.rand(4, generator=generator) < 0.5).tolist()
-        lq, gt = _augment(lq, gt, flags, transpose_ok=lq.shape[-1] == lq.shape[-2])
+        lq, gt = augment_clip(lq, gt, flags, transpose_ok=lq.shape[-1] == lq.shape[-2])
     return {"lq": lq.contiguous(), "gt": gt.contiguous(), "key": key}
-
-
-def _check_common(scale: int, crop: int | None, seed: int) -> None:
-    if not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"scale must be a positive integer, got {scale!r}")
-    if crop is not None and (not isinstance(crop, int) or crop < 1):
-        raise ValueError(f"crop must be a positive integer or None, got {crop!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 
 
 # --------------------------------------------------------------------------- Vimeo-90K
@@ -189,7 +154,7 @@ class Vimeo90KSeptuplet(Dataset):
     ) -> None:
         if split not in self.SPLITS:
             raise ValueError(f"Vimeo90KSeptuplet: split must be one of {', '.join(self.SPLITS)}, got {split!r}")
-        _check_common(scale, crop, seed)
+        check_common(scale, crop, seed)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"Vimeo90KSeptuplet: root folder not found: {root}")
         self.root, self.lq_root, self.split, self.scale = root, lq_root, split, scale
@@ -239,7 +204,7 @@ class Vimeo90KSeptuplet(Dataset):
         lq_paths = None
         if self.lq_seq_dir is not None:
             lq_paths = [os.path.join(self.lq_seq_dir, key, f"im{i}.png") for i in range(1, NUM_GT + 1, 2)]
-        g = _item_generator(self.seed, self.epoch, index) if (self.crop or self.augment) else None
+        g = item_generator(self.seed, self.epoch, index) if (self.crop or self.augment) else None
         return _load_item(gt_paths, lq_paths, key, self.scale, self.crop, self.augment, self.quantize_lq, g)
 
 
@@ -288,7 +253,7 @@ class VideoFolderClips(Dataset):
     ) -> None:
         if mode not in ("train", "eval"):
             raise ValueError(f"VideoFolderClips: mode must be 'train' or 'eval', got {mode!r}")
-        _check_common(scale, crop, seed)
+        check_common(scale, crop, seed)
         if not isinstance(window_stride, int) or window_stride < 1:
             raise ValueError(f"VideoFolderClips: window_stride must be a positive integer, got {window_stride!r}")
         if not os.path.isdir(gt_root):
@@ -358,7 +323,7 @@ class VideoFolderClips(Dataset):
         name, start = self.windows[index]
         gt_paths = self.gt_paths[name][start : start + NUM_GT]
         lq_paths = self.lq_paths[name][start : start + NUM_GT : 2] if self.lq_root is not None else None
-        g = _item_generator(self.seed, self.epoch, index) if (self.crop or self.augment) else None
+        g = item_generator(self.seed, self.epoch, index) if (self.crop or self.augment) else None
         key = f"{name}/{start:05d}"
         return _load_item(gt_paths, lq_paths, key, self.scale, self.crop, self.augment, self.quantize_lq, g)
 

@@ -70,24 +70,32 @@ class PyramidAlign(nn.Module):
         self.l3_offset_conv1 = conv3x3(2 * nf, nf)
         self.l3_offset_conv2 = conv3x3(nf, nf)
         self.l3_dcn = DCNPack(nf, nf, 3, padding=1, deformable_groups=deformable_groups)
-        for level in ("l2", "l1"):
-            setattr(self, f"{level}_offset_conv1", conv3x3(2 * nf, nf))
-            setattr(self, f"{level}_offset_conv2", conv3x3(2 * nf, nf))
-            setattr(self, f"{level}_offset_conv3", conv3x3(nf, nf))
-            setattr(self, f"{level}_dcn", DCNPack(nf, nf, 3, padding=1, deformable_groups=deformable_groups))
-            setattr(self, f"{level}_fea_conv", conv3x3(2 * nf, nf))
+        # Levels 2 and 1 (the state-dict keys of Zooming Slow-Mo and the demo checkpoint).
+        self.l2_offset_conv1 = conv3x3(2 * nf, nf)
+        self.l2_offset_conv2 = conv3x3(2 * nf, nf)
+        self.l2_offset_conv3 = conv3x3(nf, nf)
+        self.l2_dcn = DCNPack(nf, nf, 3, padding=1, deformable_groups=deformable_groups)
+        self.l2_fea_conv = conv3x3(2 * nf, nf)
+        self.l1_offset_conv1 = conv3x3(2 * nf, nf)
+        self.l1_offset_conv2 = conv3x3(2 * nf, nf)
+        self.l1_offset_conv3 = conv3x3(nf, nf)
+        self.l1_dcn = DCNPack(nf, nf, 3, padding=1, deformable_groups=deformable_groups)
+        self.l1_fea_conv = conv3x3(2 * nf, nf)
 
     def forward(self, a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         offset = lrelu(self.l3_offset_conv1(torch.cat((a[2], b[2]), 1)))
         offset = lrelu(self.l3_offset_conv2(offset))
         fea = lrelu(self.l3_dcn(a[2], offset))
-        for i, level in ((1, "l2"), (0, "l1")):
-            new_offset = lrelu(getattr(self, f"{level}_offset_conv1")(torch.cat((a[i], b[i]), 1)))
-            new_offset = lrelu(getattr(self, f"{level}_offset_conv2")(torch.cat((new_offset, up2(offset) * 2), 1)))
-            offset = lrelu(getattr(self, f"{level}_offset_conv3")(new_offset))
-            aligned = getattr(self, f"{level}_dcn")(a[i], offset)
-            fea = getattr(self, f"{level}_fea_conv")(torch.cat((aligned, up2(fea)), 1))
-            if level == "l2":
+        levels = (
+            (1, self.l2_offset_conv1, self.l2_offset_conv2, self.l2_offset_conv3, self.l2_dcn, self.l2_fea_conv),
+            (0, self.l1_offset_conv1, self.l1_offset_conv2, self.l1_offset_conv3, self.l1_dcn, self.l1_fea_conv),
+        )
+        for i, conv1, conv2, conv3, dcn, fea_conv in levels:
+            new_offset = lrelu(conv1(torch.cat((a[i], b[i]), 1)))
+            new_offset = lrelu(conv2(torch.cat((new_offset, up2(offset) * 2), 1)))
+            offset = lrelu(conv3(new_offset))
+            fea = fea_conv(torch.cat((dcn(a[i], offset), up2(fea)), 1))
+            if i == 1:  # level 2's features go through a leaky ReLU, level 1's (the output) do not
                 fea = lrelu(fea)
         return fea
 

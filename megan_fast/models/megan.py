@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megan_fast.models.baseline import bicubic_blend
 from megan_fast.models.blocks import (
     PCDAlign,
     DeformableConvLSTM,
@@ -121,7 +122,7 @@ class MEGAN(nn.Module):
         input frame i; frame 2i+1 lies between inputs i and i+1.
 
     ``MEGANConfig(global_skip=True)`` (not in the paper; off by default) adds
-    the evaluation baseline (:func:`megan_fast.evaluation.bicubic_blend`:
+    the evaluation baseline (:func:`megan_fast.models.baseline.bicubic_blend`:
     bicubic x4, in-between frames blended) to the output and zero-initialises
     the last convolution, so the network learns a residual over it: useful for
     short training runs such as the demo checkpoint's.
@@ -190,8 +191,6 @@ class MEGAN(nn.Module):
         out = self.reconstruction(feats.reshape(b * t, nf, hp, wp))
         out = out.reshape(b, t, 3, 4 * hp, 4 * wp)[..., : 4 * h, : 4 * w]
         if cfg.global_skip:
-            from megan_fast.evaluation import bicubic_blend
-
             out = out + bicubic_blend(x)
         return out
 
