@@ -1,14 +1,11 @@
-"""Build megan_fast and its C++ (and optional CUDA C++) kernels.
+"""Build megan_fast and its C++ CPU kernels.
 
-C++ CPU kernels are always built.  CUDA C++ sources (csrc/cuda/*.cu) are added
-only when torch was built with CUDA and nvcc is found, so the package builds on
-a machine with no GPU and no CUDA toolkit.  The GPU kernels proper are Triton
-(megan_fast/triton/) and need no compilation.
+The C++ CPU kernels (csrc/) are always built; the GPU kernels are Triton
+(megan_fast/triton/), compiled at run time, so the package builds on a machine
+with no GPU and no CUDA toolkit.
 
 Environment variables:
-    MEGAN_FAST_NO_CUDA=1   never compile CUDA C++ sources
     MEGAN_FAST_DEBUG=1     -O0 -g
-    TORCH_CUDA_ARCH_LIST   GPU architectures for CUDA C++ sources (torch's own)
     MAX_JOBS               parallel compile jobs (torch's own)
 """
 
@@ -17,20 +14,9 @@ import os
 import shutil
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _have_nvcc() -> bool:
-    if os.environ.get("MEGAN_FAST_NO_CUDA", "0") == "1":
-        return False
-    import torch
-
-    if torch.version.cuda is None:
-        return False
-    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
-    return bool(nvcc and os.path.exists(nvcc)) or shutil.which("nvcc") is not None
 
 
 def extensions():
@@ -40,21 +26,8 @@ def extensions():
     cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
     cxx += ["-fopenmp", "-Wall", "-Wno-unknown-pragmas"]  # the C++ standard: torch's choice
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    kwargs = dict(
-        name="megan_fast._C",
-        include_dirs=[os.path.join(HERE, "csrc")],
-        py_limited_api=False,
-    )
-    if cuda_sources and _have_nvcc():
-        return [
-            CUDAExtension(
-                sources=sources + cuda_sources,
-                extra_compile_args={"cxx": cxx + ["-DMEGAN_FAST_WITH_CUDA"], "nvcc": ["-O3", "--use_fast_math"]},
-                **kwargs,
-            )
-        ]
-    return [CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)]
+    return [CppExtension(name="megan_fast._C", sources=sources, include_dirs=[os.path.join(HERE, "csrc")],
+                         extra_compile_args={"cxx": cxx}, py_limited_api=False)]
 
 
 setup(

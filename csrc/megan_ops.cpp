@@ -6,6 +6,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/isa.h"
+
 extern "C" {
 // `import megan_fast._C` loads this library, which runs the registrations
 // below; the module itself exposes nothing.
@@ -16,7 +20,21 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace {
+// The CPU code path the C++ kernels run (cpu/isa.h), for `megan-fast info` and the tests.
+std::string cpu_isa_name() {
+  switch (megan_fast::cpu_isa()) {
+    case megan_fast::Isa::kAvx512: return "avx512";
+    case megan_fast::Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+}  // namespace
+
 TORCH_LIBRARY(megan_fast, m) {
+  // Which code path the CPU kernels take: "avx512", "avx2" or "baseline" (MEGAN_FAST_CPU_ISA caps it).
+  m.def("cpu_isa() -> str", &cpu_isa_name);
+
   // Modulated deformable convolution (DCNv2), torchvision's layout and numerics.
   // mask None means all ones.  groups = input.size(1) / weight.size(1);
   // offset groups = offset.size(1) / (2 * kh * kw).

@@ -7,7 +7,6 @@ traceback, nothing left behind and the inputs untouched.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import yaml

@@ -282,7 +282,7 @@ def test_output_dtypes_and_contiguity():
 
 def test_int64_index_path(monkeypatch):
     # Inputs over 2**30 elements switch the kernels to 64-bit batch addressing; force it here.
-    monkeypatch.setattr(tdc, "_needs_int64", lambda *tensors: True)
+    monkeypatch.setattr(tdc, "numel_needs_int64", lambda *tensors: True)
     pr = make_problem(c_in=4, c_out=5, og=2, dtype=torch.float64)
     _call(lambda: check_against_torchvision(pr))
 
@@ -348,3 +348,19 @@ def test_bf16_cuda_close_to_fp32(case):
         assert a.dtype == torch.bfloat16, name
         # bf16 has 8 mantissa bits (eps 2^-8 ~ 4e-3): allow a few roundings of the largest value.
         assert _max_err(a, e) <= 3e-2 * (e.abs().max().item() + 1e-6), name
+
+
+@cuda_only
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_opcheck_cuda_kernels(with_mask):
+    # The op's CUDA kernels are the Triton ones: opcheck them as tests/test_deform_conv.py does the C++ ones.
+    pr = make_problem(b=2, c_in=4, c_out=2, h=4, w=5, og=2, with_mask=with_mask, dtype=torch.float32)
+    args = [pr["input"], pr["offset"], pr["weight"], pr["bias"], pr["mask"], list(pr["stride"]),
+            list(pr["padding"]), list(pr["dilation"])]
+    for t in args[:5]:
+        if t is not None:
+            t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.megan_fast.modulated_deform_conv2d.default, tuple(args))
+    g = torch.randn(2, 2, 4, 5, device=DEVICE)
+    bwd = (g, *(t.detach() if t is not None else None for t in (args[0], args[1], args[2], args[4])), *args[5:])
+    torch.library.opcheck(torch.ops.megan_fast.modulated_deform_conv2d_backward.default, bwd)

@@ -6,12 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import megan_fast
-from megan_fast.ops import _backend, _library, graph_aggregate, use_backend
+from megan_fast.ops import _backend, graph_aggregate, use_backend
 
-HAS_NATIVE = megan_fast._ext.NATIVE_AVAILABLE and _library._has_cpu_kernel("megan_fast::graph_aggregate")
-needs_native = pytest.mark.skipif(not HAS_NATIVE, reason="C++ extension not built (or built without this op)")
-BACKENDS = [pytest.param("native", marks=needs_native), "reference"]
+BACKENDS = ["native", "reference"]
 
 
 def formula(nodes, w1, b1, w2, slope):
@@ -116,13 +113,11 @@ def test_without_adjacency_returns_only_out(backend):
     assert isinstance(out, torch.Tensor) and out.shape == nodes.shape
 
 
-@needs_native
 def test_gradcheck_native():
     nodes, w1, b1, w2 = (t.requires_grad_(True) for t in problem(b=1, p=3, c=3, hd=4, h=2, w=3))
     assert torch.autograd.gradcheck(lambda *a: run("native", *a, 0.2)[0], (nodes, w1, b1, w2))
 
 
-@needs_native
 @pytest.mark.parametrize("return_adjacency", [True, False])
 @pytest.mark.parametrize("c,hd", [(3, 4), (64, 16)])  # padded sizes, and MEGAN's (no padding: no aliasing)
 def test_opcheck_native(return_adjacency, c, hd):

@@ -194,10 +194,13 @@ def test_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-def test_unsupported_dtype():
-    nodes, w1, b1, w2 = problem(p=3, h=1, w=2, dtype=torch.int32 if DEVICE == "cuda" else torch.float16)
-    with pytest.raises(TypeError):
-        tga.graph_aggregate_forward(nodes, w1, b1, w2, 0.2, False)
+def test_unsupported_dtype_is_refused_by_the_public_op():
+    # Dtype tables live in the public op only (the launchers assert what the kernels need).
+    from megan_fast.ops import graph_aggregate, use_backend
+
+    nodes, w1, b1, w2 = problem(p=3, h=1, w=2, dtype=torch.float64 if DEVICE == "cuda" else torch.float16)
+    with use_backend("triton"), pytest.raises(TypeError, match="dtype"):
+        graph_aggregate(nodes, w1, b1, w2, 0.2)
 
 
 # --------------------------------------------------------------------------- GPU only
@@ -240,3 +243,15 @@ def test_megan_size_smoke():
     assert_close(got, [r.float() for r in ref], 1e-4)
     again = tga.graph_aggregate_backward(grad_out, nodes, w1, b1, w2, 0.2)
     assert all(torch.equal(a, b) for a, b in zip(again, got[2:])), "backward must be deterministic"
+
+
+@cuda_only
+@pytest.mark.parametrize("return_adjacency", [True, False])
+def test_opcheck_cuda_kernels(return_adjacency):
+    # The op's CUDA kernels are the Triton ones: opcheck them as tests/test_graph_aggregate.py does the C++ ones.
+    nodes, w1, b1, w2 = (t.requires_grad_(True) for t in problem(b=1, p=3, c=16, hd=16, h=2, w=3,
+                                                                 dtype=torch.float32))
+    torch.library.opcheck(torch.ops.megan_fast.graph_aggregate.default, (nodes, w1, b1, w2, 0.2, return_adjacency))
+    g = torch.randn(1, 3, 16, 2, 3, device=DEVICE)
+    torch.library.opcheck(torch.ops.megan_fast.graph_aggregate_backward.default,
+                          (g, nodes.detach(), w1.detach(), b1.detach(), w2.detach(), 0.2))

@@ -7,18 +7,13 @@ import json
 import pytest
 import torch
 
-import megan_fast
 from megan_fast.inference import iter_upscale, upscale_frames, window_starts
 from megan_fast.errors import CheckpointError
 from megan_fast.models import MEGAN, MEGANConfig
-from megan_fast.ops import _library, use_backend
+from megan_fast.ops import use_backend
 
 SMALL = dict(nf=16, deformable_groups=4, front_blocks=1, back_blocks=1, num_pfrdb=1, nonlocal_inner=8,
              graph_hidden=4, tau=2)
-ALL_NATIVE = megan_fast._ext.NATIVE_AVAILABLE and all(
-    _library._has_cpu_kernel(f"megan_fast::{op}")
-    for op in ("modulated_deform_conv2d", "nonlocal_attention", "graph_aggregate")
-)
 
 
 def small(n_in=4, **kw) -> MEGAN:
@@ -70,15 +65,31 @@ def test_bad_input_shape():
         small()(torch.rand(1, 3, 3, 8, 8))
 
 
-def test_eval_is_deterministic():
+def test_eval_is_deterministic_across_processes(tmp_path):
+    import subprocess
+    import sys
+
     model = small()
     perturb_zero_inits(model)
+    model.save_pretrained(tmp_path / "m")
     x = torch.rand(1, 4, 3, 8, 8)
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import torch\n"
+        "torch.set_flush_denormal(True)\n"
+        "from megan_fast.models import MEGAN\n"
+        f"m = MEGAN.from_pretrained({str(tmp_path / 'm')!r}).eval()\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(m(x), {str(tmp_path / 'y.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), model(x), atol=0, rtol=0)
+        here = model(x)
+    there = torch.load(tmp_path / "y.pt", weights_only=True)
+    assert torch.equal(here, there)  # bit for bit, in another process
 
 
-@pytest.mark.skipif(not ALL_NATIVE, reason="C++ kernels of all three ops are needed")
 def test_native_equals_reference_outputs_and_gradients():
     torch.manual_seed(0)
     model = MEGAN(**SMALL).double().train()
@@ -196,11 +207,17 @@ def test_loading_wrong_shapes_is_a_clear_error(tmp_path):
         MEGAN.from_pretrained(tmp_path / "empty")
 
 
-def test_autocast_bfloat16_on_cpu_runs():
+def test_autocast_bfloat16_on_cpu_is_close_to_float32():
     model = small()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        y = model(torch.rand(1, 4, 3, 8, 8))
-    assert y.shape == (1, 7, 3, 32, 32) and torch.isfinite(y.float()).all()
+    perturb_zero_inits(model)
+    x = torch.rand(1, 4, 3, 8, 8)
+    with torch.no_grad():
+        y32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+    assert y.shape == (1, 7, 3, 32, 32)
+    # bfloat16 keeps 8 bits of mantissa (0.4 %): the network's output stays within 2 % of its range.
+    assert (y.float() - y32).abs().max() <= 0.02 * y32.abs().max()
 
 
 def test_channels_last_input():

@@ -187,7 +187,7 @@ def test_non_contiguous_inputs():
 
 def test_int64_indexing_path(monkeypatch):
     # The int64 row offsets are only switched on for > 2^31-element tensors; force them.
-    monkeypatch.setattr(tna, "_needs_int64", lambda *tensors: True)
+    monkeypatch.setattr(tna, "strided_needs_int64", lambda *tensors: True)
     check(*problem(b=2, n=20, m=18, d=5, dv=3), scale=0.3)
 
 
@@ -224,14 +224,12 @@ def test_no_keys(dtype):
     assert gk.shape == (2, 0, 3) and gv.shape == (2, 0, 5)
 
 
-def test_bad_inputs():
+def test_the_launcher_asserts_what_its_kernels_need():
+    # The public op checks and explains (tests/test_nonlocal_attention.py); the launcher only asserts.
     q, k, v = problem(b=1, n=4, m=3, d=2, dv=2)
-    with pytest.raises(TypeError):
-        tna.nonlocal_attention_forward(q, k.float(), v, 1.0)
-    with pytest.raises(ValueError):
-        tna.nonlocal_attention_forward(q, k[..., :1], v, 1.0)
-    with pytest.raises(ValueError):
-        tna.nonlocal_attention_forward(q, k, v[:, :2], 1.0)
+    for bad in ((q, k.float(), v), (q, k[..., :1], v), (q, k, v[:, :2])):
+        with pytest.raises(RuntimeError, match="nonlocal_attention"):
+            tna.nonlocal_attention_forward(*bad, 1.0)
 
 
 # --------------------------------------------------------------------------- CUDA only
@@ -284,3 +282,13 @@ def test_float64_on_gpu_works_or_raises_type_error():
         assert "float64" in str(exc)
         return
     check(q, k, v)
+
+
+@cuda_only
+def test_opcheck_cuda_kernels():
+    # The op's CUDA kernels are the Triton ones: opcheck them as tests/test_nonlocal_attention.py does the C++ ones.
+    q, k, v = (t.float().requires_grad_(True) for t in problem(b=2, n=6, m=5, d=16, dv=16))
+    torch.library.opcheck(torch.ops.megan_fast.nonlocal_attention.default, (q, k, v, 0.7))
+    out, lse = torch.ops.megan_fast.nonlocal_attention(q.detach(), k.detach(), v.detach(), 0.7)
+    torch.library.opcheck(torch.ops.megan_fast.nonlocal_attention_backward.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.7))

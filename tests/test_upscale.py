@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 av = pytest.importorskip("av", reason="PyAV is needed for video files")
 

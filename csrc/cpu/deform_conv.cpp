@@ -62,20 +62,9 @@
 #include <type_traits>
 #include <vector>
 
-// Hot loops are compiled for several ISAs (the build has no -march flag); GCC
-// picks the best at load time.  Elsewhere they are plain functions.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(__clang__) && __GNUC__ >= 12
-#define DCN_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(__clang__)
-#define DCN_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DCN_MULTIVERSION
-#endif
-#if defined(__GNUC__)
-#define DCN_INLINE inline __attribute__((always_inline))
-#else
-#define DCN_INLINE inline
-#endif
+#include "cpu/isa.h"  // hot loops compiled per code path, chosen at run time
+
+#define DCN_INLINE MEGAN_FAST_INLINE
 
 // BLAS: the Fortran sgemm_/dgemm_ that libtorch_cpu exports (MKL on x86-64
 // wheels; at::native::cpublas::gemm's float/double overloads are not exported).
@@ -176,14 +165,32 @@ DCN_INLINE void sample_row_impl(int64_t n, const T* __restrict by, const T* __re
     rm[p] = mask[p];
   }
 }
-DCN_MULTIVERSION void sample_row(int64_t n, const float* by, const float* bx, float ky, float kx, const float* dy,
-                                 const float* dx, const float* mask, int64_t H, int64_t W, const Row<float>& r) {
-  sample_row_impl(n, by, bx, ky, kx, dy, dx, mask, H, W, r);
-}
-DCN_MULTIVERSION void sample_row(int64_t n, const double* by, const double* bx, double ky, double kx,
-                                 const double* dy, const double* dx, const double* mask, int64_t H, int64_t W,
-                                 const Row<double>& r) {
-  sample_row_impl(n, by, bx, ky, kx, dy, dx, mask, H, W, r);
+#define DCN_SAMPLE_ROW(PATH, ATTR, T)                                                                        \
+  ATTR void sample_row_##PATH(int64_t n, const T* by, const T* bx, T ky, T kx, const T* dy, const T* dx,       \
+                              const T* mask, int64_t H, int64_t W, const Row<T>& r) {                         \
+    sample_row_impl(n, by, bx, ky, kx, dy, dx, mask, H, W, r);                                                \
+  }
+DCN_SAMPLE_ROW(baseline, , float)
+DCN_SAMPLE_ROW(baseline, , double)
+#if MEGAN_FAST_X86_PATHS
+DCN_SAMPLE_ROW(avx2, MEGAN_FAST_TARGET_AVX2, float)
+DCN_SAMPLE_ROW(avx2, MEGAN_FAST_TARGET_AVX2, double)
+DCN_SAMPLE_ROW(avx512, MEGAN_FAST_TARGET_AVX512, float)
+DCN_SAMPLE_ROW(avx512, MEGAN_FAST_TARGET_AVX512, double)
+#endif
+#undef DCN_SAMPLE_ROW
+
+template <typename T>
+void sample_row(int64_t n, const T* by, const T* bx, T ky, T kx, const T* dy, const T* dx, const T* mask, int64_t H,
+                int64_t W, const Row<T>& r) {
+#if MEGAN_FAST_X86_PATHS
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return sample_row_avx512(n, by, bx, ky, kx, dy, dx, mask, H, W, r);
+    case Isa::kAvx2: return sample_row_avx2(n, by, bx, ky, kx, dy, dx, mask, H, W, r);
+    default: break;
+  }
+#endif
+  sample_row_baseline(n, by, bx, ky, kx, dy, dx, mask, H, W, r);
 }
 
 // The channels of one offset group may span several conv groups; each piece
@@ -354,24 +361,52 @@ DCN_INLINE void bwd_pass_impl(int64_t n, const Row<T>& r, const PassArgs<T>& a) 
   }
 }
 
-// Width dispatch, one multi-versioned entry per pass and dtype.
+// Width dispatch, one entry per pass, dtype and code path (cpu/isa.h).
 // Compile-time widths of 1, 2, 4 and 8 vectors (8-64 floats, 4-32 doubles);
 // other widths and split offset groups take the generic case (CW = 0).
-#define DCN_PASS(NAME, T)                                                         \
-  DCN_MULTIVERSION void NAME(int64_t n, const Row<T>& r, const PassArgs<T>& a) { \
-    if (a.nseg == 1) switch (a.seg[0].len) {                                      \
-        case Vec<T>::L: return NAME##_impl<T, Vec<T>::L>(n, r, a);                \
-        case 2 * Vec<T>::L: return NAME##_impl<T, 2 * Vec<T>::L>(n, r, a);        \
-        case 4 * Vec<T>::L: return NAME##_impl<T, 4 * Vec<T>::L>(n, r, a);        \
-        case 8 * Vec<T>::L: return NAME##_impl<T, 8 * Vec<T>::L>(n, r, a);        \
-      }                                                                           \
-    NAME##_impl<T, 0>(n, r, a);                                                   \
+#define DCN_PASS(NAME, PATH, ATTR, T)                                                 \
+  ATTR void NAME##_##PATH(int64_t n, const Row<T>& r, const PassArgs<T>& a) {         \
+    if (a.nseg == 1) switch (a.seg[0].len) {                                          \
+        case Vec<T>::L: return NAME##_impl<T, Vec<T>::L>(n, r, a);                    \
+        case 2 * Vec<T>::L: return NAME##_impl<T, 2 * Vec<T>::L>(n, r, a);            \
+        case 4 * Vec<T>::L: return NAME##_impl<T, 4 * Vec<T>::L>(n, r, a);            \
+        case 8 * Vec<T>::L: return NAME##_impl<T, 8 * Vec<T>::L>(n, r, a);            \
+      }                                                                               \
+    NAME##_impl<T, 0>(n, r, a);                                                       \
   }
-DCN_PASS(fwd_pass, float)
-DCN_PASS(fwd_pass, double)
-DCN_PASS(bwd_pass, float)
-DCN_PASS(bwd_pass, double)
+#define DCN_PASSES(PATH, ATTR)            \
+  DCN_PASS(fwd_pass, PATH, ATTR, float)   \
+  DCN_PASS(fwd_pass, PATH, ATTR, double)  \
+  DCN_PASS(bwd_pass, PATH, ATTR, float)   \
+  DCN_PASS(bwd_pass, PATH, ATTR, double)
+DCN_PASSES(baseline, )
+#if MEGAN_FAST_X86_PATHS
+DCN_PASSES(avx2, MEGAN_FAST_TARGET_AVX2)
+DCN_PASSES(avx512, MEGAN_FAST_TARGET_AVX512)
+#endif
+#undef DCN_PASSES
 #undef DCN_PASS
+
+#if MEGAN_FAST_X86_PATHS
+#define DCN_DISPATCH(NAME)                                                      \
+  template <typename T>                                                         \
+  void NAME(int64_t n, const Row<T>& r, const PassArgs<T>& a) {                 \
+    switch (cpu_isa()) {                                                        \
+      case Isa::kAvx512: return NAME##_avx512(n, r, a);                         \
+      case Isa::kAvx2: return NAME##_avx2(n, r, a);                             \
+      default: return NAME##_baseline(n, r, a);                                 \
+    }                                                                           \
+  }
+#else
+#define DCN_DISPATCH(NAME)                                                      \
+  template <typename T>                                                         \
+  void NAME(int64_t n, const Row<T>& r, const PassArgs<T>& a) {                 \
+    NAME##_baseline(n, r, a);                                                   \
+  }
+#endif
+DCN_DISPATCH(fwd_pass)
+DCN_DISPATCH(bwd_pass)
+#undef DCN_DISPATCH
 
 // Per-range scratch: one chunk's columns (and gradient columns), pixel bases,
 // the Row arrays, zeros and sink.

@@ -68,16 +68,14 @@
 #include <utility>
 #include <vector>
 
-// x86-64 with GCC: explicit per-ISA code paths, chosen at run time (see
-// "Code paths" below).  Elsewhere: the portable path only.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GA_X86_PATHS 1
-#define GA_TARGET_AVX512 __attribute__((target("avx512f")))
-#define GA_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define GA_X86_PATHS 0
-#endif
-#define GA_INLINE inline __attribute__((always_inline))
+// x86-64 with GCC: explicit per-ISA code paths, chosen at run time by
+// cpu/isa.h (see "Code paths" below).  Elsewhere: the portable path only.
+#include "cpu/isa.h"
+
+#define GA_X86_PATHS MEGAN_FAST_X86_PATHS
+#define GA_TARGET_AVX512 MEGAN_FAST_TARGET_AVX512
+#define GA_TARGET_AVX2 MEGAN_FAST_TARGET_AVX2
+#define GA_INLINE MEGAN_FAST_INLINE
 
 namespace megan_fast {
 namespace {
@@ -726,11 +724,11 @@ GA_INLINE void backward_range_impl(const BwdArgs<T>& a, int64_t tile_begin, int6
 // AVX-512 (16 floats, 8 doubles), 32 with AVX2 + FMA, 16 otherwise (SSE2,
 // NEON).  Each path instantiates the kernels for its BP in a function compiled
 // for its ISA (the force-inlined templates take on the caller's target), and
-// the path is chosen once at run time from the CPU's features.  (GCC's
-// target_clones cannot do this: one function body for all targets means one
-// vector width, and 64-byte vectors on a 32-byte ISA lower badly: measured
-// ~7x slower than AVX-512 instead of ~2x.)  The environment variable
-// MEGAN_FAST_CPU_ISA=avx2|baseline caps the choice (for testing).
+// the path is chosen once at run time from the CPU's features (cpu_isa(),
+// cpu/isa.h).  (GCC's target_clones cannot do this: one function body for all
+// targets means one vector width, and 64-byte vectors on a 32-byte ISA lower
+// badly: measured ~7x slower than AVX-512 instead of ~2x.)  The environment
+// variable MEGAN_FAST_CPU_ISA=avx2|baseline caps the choice (for testing).
 template <typename T>
 struct Kernels {
   void (*forward)(const FwdArgs<T>&, int64_t, int64_t);
@@ -757,34 +755,12 @@ GA_DEFINE_PATH(avx2, GA_TARGET_AVX2, 32)
 GA_DEFINE_PATH(avx512, GA_TARGET_AVX512, 64)
 #endif
 
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-Isa detect_isa() {
-  static const Isa isa = [] {
-    Isa best = Isa::kBaseline;
-#if GA_X86_PATHS
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f"))
-      best = Isa::kAvx512;
-    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      best = Isa::kAvx2;
-#endif
-    if (const char* cap = std::getenv("MEGAN_FAST_CPU_ISA")) {
-      const std::string v(cap);
-      if (v == "baseline") best = Isa::kBaseline;
-      else if (v == "avx2" && best == Isa::kAvx512) best = Isa::kAvx2;
-    }
-    return best;
-  }();
-  return isa;
-}
-
 template <typename T>
 Kernels<T> kernels();
 template <>
 Kernels<float> kernels<float>() {
 #if GA_X86_PATHS
-  switch (detect_isa()) {
+  switch (cpu_isa()) {
     case Isa::kAvx512: return {forward_avx512_f32, backward_avx512_f32};
     case Isa::kAvx2: return {forward_avx2_f32, backward_avx2_f32};
     default: break;
@@ -795,7 +771,7 @@ Kernels<float> kernels<float>() {
 template <>
 Kernels<double> kernels<double>() {
 #if GA_X86_PATHS
-  switch (detect_isa()) {
+  switch (cpu_isa()) {
     case Isa::kAvx512: return {forward_avx512_f64, backward_avx512_f64};
     case Isa::kAvx2: return {forward_avx2_f64, backward_avx2_f64};
     default: break;

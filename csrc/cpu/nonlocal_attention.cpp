@@ -51,10 +51,10 @@
 // n x m.
 //
 // ISA: the build uses no -march flags, so the kernels are compiled three
-// times with GCC function multi-versioning (target attribute, dispatched at
-// load time through an ifunc): AVX-512 (x86-64-v4, 16 floats per vector),
-// AVX2+FMA (x86-64-v3, 8) and the x86-64 baseline (SSE2, 4).  Other
-// compilers and architectures get the 16-byte version only.  The float exp is
+// times, one code path each (cpu/isa.h, chosen at run time and capped by
+// MEGAN_FAST_CPU_ISA): AVX-512 (x86-64-v4, 16 floats per vector), AVX2+FMA
+// (x86-64-v3, 8) and the x86-64 baseline (SSE2, 4).  Other compilers and
+// architectures get the 16-byte version only.  The float exp is
 // our own branch-free polynomial (fast_expf) so that its loops vectorise;
 // float64 uses std::exp.
 
@@ -77,17 +77,12 @@
 #include <utility>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && __GNUC__ >= 12
-#define NLA_MULTIVERSION 1  // x86-64-v4 / v3 / baseline versions, see the top
-#else
-#define NLA_MULTIVERSION 0
-#endif
+#include "cpu/isa.h"  // x86-64-v4 / v3 / baseline code paths, chosen at run time (see the top)
 
+#define NLA_INLINE MEGAN_FAST_INLINE
 #if defined(__GNUC__)
-#define NLA_INLINE inline __attribute__((always_inline))
 #define NLA_RESTRICT __restrict__
 #else
-#define NLA_INLINE inline
 #define NLA_RESTRICT
 #endif
 
@@ -513,35 +508,40 @@ NLA_INLINE void backward_range_impl(const BwdArgs<T>& a, int64_t begin, int64_t 
 
 // ------------------------------------------------------------ ISA versions
 
-#if NLA_MULTIVERSION
-#define NLA_VERSIONS(NAME, ARGS)                                                                                \
-  __attribute__((target("arch=x86-64-v4"))) void NAME(const ARGS<float>& a, int64_t b, int64_t e) {             \
-    NAME##_impl<float, 64>(a, b, e);                                                                            \
-  }                                                                                                             \
-  __attribute__((target("arch=x86-64-v3"))) void NAME(const ARGS<float>& a, int64_t b, int64_t e) {             \
-    NAME##_impl<float, 32>(a, b, e);                                                                            \
-  }                                                                                                             \
-  __attribute__((target("default"))) void NAME(const ARGS<float>& a, int64_t b, int64_t e) {                    \
-    NAME##_impl<float, 16>(a, b, e);                                                                            \
-  }                                                                                                             \
-  __attribute__((target("arch=x86-64-v4"))) void NAME(const ARGS<double>& a, int64_t b, int64_t e) {            \
-    NAME##_impl<double, 64>(a, b, e);                                                                           \
-  }                                                                                                             \
-  __attribute__((target("arch=x86-64-v3"))) void NAME(const ARGS<double>& a, int64_t b, int64_t e) {            \
-    NAME##_impl<double, 32>(a, b, e);                                                                           \
-  }                                                                                                             \
-  __attribute__((target("default"))) void NAME(const ARGS<double>& a, int64_t b, int64_t e) {                   \
-    NAME##_impl<double, 16>(a, b, e);                                                                           \
+// One function per code path (cpu/isa.h) and dtype; the register block width
+// VB follows the path's vectors (64, 32 or 16 bytes).
+#define NLA_PATH(NAME, ARGS, PATH, ATTR, VB)                                                           \
+  ATTR void NAME##_##PATH(const ARGS<float>& a, int64_t b, int64_t e) { NAME##_impl<float, VB>(a, b, e); }   \
+  ATTR void NAME##_##PATH(const ARGS<double>& a, int64_t b, int64_t e) { NAME##_impl<double, VB>(a, b, e); }
+#define NLA_VERSIONS(NAME, ARGS)                                                    \
+  NLA_PATH(NAME, ARGS, baseline, , 16)                                              \
+  NLA_X86_PATHS(NAME, ARGS)                                                         \
+  template <typename T>                                                             \
+  void NAME(const ARGS<T>& a, int64_t b, int64_t e) {                               \
+    NLA_X86_SWITCH(NAME)                                                            \
+    NAME##_baseline(a, b, e);                                                       \
+  }
+#if MEGAN_FAST_X86_PATHS
+#define NLA_X86_PATHS(NAME, ARGS)                                  \
+  NLA_PATH(NAME, ARGS, avx2, MEGAN_FAST_TARGET_AVX2, 32)           \
+  NLA_PATH(NAME, ARGS, avx512, MEGAN_FAST_TARGET_AVX512, 64)
+#define NLA_X86_SWITCH(NAME)                                       \
+  switch (cpu_isa()) {                                             \
+    case Isa::kAvx512: return NAME##_avx512(a, b, e);              \
+    case Isa::kAvx2: return NAME##_avx2(a, b, e);                  \
+    default: break;                                                \
   }
 #else
-#define NLA_VERSIONS(NAME, ARGS)                                                                          \
-  void NAME(const ARGS<float>& a, int64_t b, int64_t e) { NAME##_impl<float, 16>(a, b, e); }              \
-  void NAME(const ARGS<double>& a, int64_t b, int64_t e) { NAME##_impl<double, 16>(a, b, e); }
+#define NLA_X86_PATHS(NAME, ARGS)
+#define NLA_X86_SWITCH(NAME)
 #endif
 
 NLA_VERSIONS(forward_range, FwdArgs)
 NLA_VERSIONS(backward_range, BwdArgs)
 #undef NLA_VERSIONS
+#undef NLA_X86_PATHS
+#undef NLA_X86_SWITCH
+#undef NLA_PATH
 
 // -------------------------------------------------------------- drivers
 

@@ -44,16 +44,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"CPU threads: {torch.get_num_threads()}; CUDA device: {cuda}")
     print()
     print("kernels:")
-    print(f"  native (C++, CPU): {'built' if _ext.NATIVE_AVAILABLE else 'not built: ' + str(_ext.NATIVE_ERROR)}")
+    if _ext.NATIVE_AVAILABLE:
+        print(f"  native (C++, CPU): built; code path {torch.ops.megan_fast.cpu_isa()} "
+              "(MEGAN_FAST_CPU_ISA=avx2|baseline caps it)")
+    else:
+        print(f"  native (C++, CPU): not built: {_ext.NATIVE_ERROR}")
     for dt in _backend.DEVICE_TYPES:
         reason = _backend.triton_status(dt)
         print(f"  triton ({dt}): {'available' if reason is None else 'unavailable: ' + reason}")
     print()
     env = os.environ.get(_backend.ENV_VAR)
     print(f"backend: {_backend.get_backend()}" + (f" (from {_backend.ENV_VAR}={env})" if env else ""))
-    print(f"  {'op':<28} {'device':<7} {'backend':<10} status")
+    print(f"  {'op':<28} {'device':<7} {'backend':<18} status")
     for row in _backend.describe():
-        print(f"  {row['op']:<28} {row['device']:<7} {row['backend']:<10} {row['status']}")
+        print(f"  {row['op']:<28} {row['device']:<7} {row['backend']:<18} {row['status']}")
+    print()
+    print("  native = the op's C++ CPU kernels; triton = its Triton kernels (the op's CUDA kernels; on CPU tensors")
+    print("  the same launchers under TRITON_INTERPRET=1); reference = plain PyTorch; stock = torchvision / SDPA.")
     return 0
 
 

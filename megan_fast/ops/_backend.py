@@ -11,17 +11,22 @@ Backends:
 
 The default comes from the environment variable ``MEGAN_FAST_BACKEND`` (``auto``
 if unset); :func:`use_backend` changes it for a block, :func:`set_backend` for
-good.  Every op registers one implementation per backend; the choice is
-resolved into a table ``op -> device type -> callable`` whenever the backend
-changes, so a call costs one dictionary look-up.
+good.  Every op registers one implementation per backend (per device type
+where they differ: ``triton`` on CPU tensors is the interpreted path of
+:func:`megan_fast.ops._library.interpreted`); the choice is resolved into a
+table ``op -> device type -> callable`` whenever the backend changes, so a
+call costs one dictionary look-up.  What ``auto`` runs is a backend per device
+type, or a :class:`PerCall` rule (measured in docs/PERFORMANCE.md) that picks
+one of named backends from the call's arguments; ``megan-fast info`` shows it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Union
 
 import torch
 
@@ -52,11 +57,27 @@ def triton_status(device_type: str) -> str | None:
     return f"no Triton support for device type {device_type!r}"
 
 
+@dataclasses.dataclass(frozen=True)
+class PerCall:
+    """An ``auto`` rule: ``pick(*args)`` names the backend (one of ``backends``) for each call."""
+
+    backends: tuple[str, ...]
+    pick: Callable[..., str]
+    rule: str  # in words, for megan-fast info
+
+    @property
+    def name(self) -> str:
+        return " or ".join(self.backends)
+
+
+Choice = Union[str, PerCall]
+
+
 class _Registry:
     def __init__(self) -> None:
-        self.impls: dict[str, dict[str, Callable]] = {}
+        self.impls: dict[str, dict[str, Callable | dict[str, Callable]]] = {}
         self.available: dict[str, dict[tuple[str, str], str | None]] = {}
-        self.auto: dict[str, dict[str, str]] = {}
+        self.auto: dict[str, dict[str, Choice]] = {}
         self.table: dict[str, dict[str, Callable]] = {}
         self.name = _check_name(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
 
@@ -66,18 +87,18 @@ _REG = _Registry()
 
 def register_op(
     op: str,
-    impls: dict[str, Callable],
+    impls: dict[str, Callable | dict[str, Callable]],
     available: dict[tuple[str, str], str | None],
-    auto: dict[str, str],
+    auto: dict[str, Choice],
 ) -> None:
     """Registers an op's implementations.
 
     Args:
         op: op name, e.g. ``"modulated_deform_conv2d"``.
-        impls: backend name -> callable (all but ``auto``).
+        impls: backend name -> callable, or -> {device type: callable} (all but ``auto``).
         available: (backend, device type) -> None if it runs there, else the
             reason it does not (missing pairs mean available).
-        auto: device type -> backend that ``auto`` uses there.
+        auto: device type -> backend (or :class:`PerCall` rule) that ``auto`` uses there.
     """
     _REG.impls[op] = dict(impls)
     _REG.available[op] = dict(available)
@@ -95,19 +116,32 @@ def _unavailable(op: str, backend: str, device_type: str, reason: str) -> Callab
     return fail
 
 
-def backend_for(op: str, device_type: str) -> str:
-    """The backend that op ``op`` uses for tensors of ``device_type`` now."""
+def backend_for(op: str, device_type: str) -> Choice:
+    """The backend (or per-call rule) that op ``op`` uses for tensors of ``device_type`` now."""
     if _REG.name != "auto":
         return _REG.name
     return _REG.auto[op].get(device_type, "reference")
 
 
-def _resolve(op: str, device_type: str) -> Callable:
-    backend = backend_for(op, device_type)
+def _impl_for(op: str, backend: str, device_type: str) -> Callable:
     reason = _REG.available[op].get((backend, device_type))
     if reason is not None:
         return _unavailable(op, backend, device_type, reason)
-    return _REG.impls[op][backend]
+    found = _REG.impls[op][backend]
+    if isinstance(found, dict):
+        if device_type not in found:
+            return _unavailable(op, backend, device_type, "no kernel for this device")
+        return found[device_type]
+    return found
+
+
+def _resolve(op: str, device_type: str) -> Callable:
+    choice = backend_for(op, device_type)
+    if isinstance(choice, PerCall):
+        chosen = {b: _impl_for(op, b, device_type) for b in choice.backends}
+        pick = choice.pick
+        return lambda *args: chosen[pick(*args)](*args)
+    return _impl_for(op, choice, device_type)
 
 
 def _rebuild(op: str) -> None:
@@ -120,9 +154,8 @@ def impl(op: str, device_type: str) -> Callable:
     if device_type in table:
         return table[device_type]
     if device_type == "meta":
-        # Shape propagation (FLOP counting, fake tensors): any registered op
-        # variant has a fake kernel; the Triton variant is always defined.
-        backend = "triton" if _REG.name in ("auto", "native", "triton") else _REG.name
+        # Shape propagation (FLOP counting, fake tensors): the op's fake kernel.
+        backend = "native" if _REG.name in ("auto", "native", "triton") else _REG.name
         return _REG.impls[op][backend]
     # Other devices (mps, xpu, ...) run the plain-PyTorch reference unless a
     # specific backend was asked for.
@@ -164,8 +197,12 @@ def describe() -> list[dict[str, str]]:
     rows = []
     for op in sorted(_REG.impls):
         for dt in DEVICE_TYPES:
-            backend = backend_for(op, dt)
-            reason = _REG.available[op].get((backend, dt))
-            shown = "triton or stock (per call, see docs/PERFORMANCE.md)" if backend == "triton_or_stock" else backend
-            rows.append({"op": op, "device": dt, "backend": shown, "status": "ok" if reason is None else reason})
+            choice = backend_for(op, dt)
+            if isinstance(choice, PerCall):
+                reasons = [_REG.available[op].get((b, dt)) for b in choice.backends]
+                status = next((r for r in reasons if r is not None), None) or f"per call: {choice.rule}"
+                rows.append({"op": op, "device": dt, "backend": choice.name, "status": status})
+                continue
+            reason = _REG.available[op].get((choice, dt))
+            rows.append({"op": op, "device": dt, "backend": choice, "status": "ok" if reason is None else reason})
     return rows

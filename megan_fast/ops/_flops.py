@@ -73,16 +73,13 @@ _FORMULAS = {
 
 
 def register_all() -> None:
-    """Registers the formulas for every variant of each op that exists in this build."""
+    """Registers the formulas of every op and its backward."""
     from torch.utils.flop_counter import flop_registry
 
     for name, (fwd, bwd) in _FORMULAS.items():
-        for suffix in ("", "_triton"):
-            for op_name, formula in ((f"{name}{suffix}", fwd), (f"{name}{suffix}_backward", bwd)):
-                if not hasattr(torch.ops.megan_fast, op_name):
-                    continue
-                packet = getattr(torch.ops.megan_fast, op_name)
-                if packet not in flop_registry:
-                    register_flop_formula(packet)(formula)
+        for op_name, formula in ((name, fwd), (f"{name}_backward", bwd)):
+            packet = getattr(torch.ops.megan_fast, op_name)
+            if packet not in flop_registry:
+                register_flop_formula(packet)(formula)
 
 

@@ -1,16 +1,27 @@
-"""The pattern every fused op follows in torch.library, written once.
+"""How every fused op is registered, written once: one op per operation, one kernel per dispatch key.
 
-Each op ``X`` has a forward op and a backward op:
-    megan_fast::X, megan_fast::X_backward                  schema in csrc/megan_ops.cpp,
-                                                            C++ CPU kernel, Triton CUDA kernel
-    megan_fast::X_triton, megan_fast::X_triton_backward    defined here (same schema), Triton
-                                                            kernels for CPU (interpreter) and CUDA
-Both pairs share one fake implementation and one autograd formula, whose
-backward calls the pair's registered backward op.
+For an op ``X`` (``modulated_deform_conv2d``, ``nonlocal_attention``, ``graph_aggregate``)::
+
+    megan_fast::X, megan_fast::X_backward    schemas in csrc/megan_ops.cpp (defined here only
+                                             when the C++ extension is not built)
+        CPU            C++ kernels, csrc/cpu/X.cpp
+        CUDA           Triton kernels, megan_fast/triton/X.py (registered here)
+        Meta           fake kernels (shapes only), registered here
+        Autograd       one formula: setup_context + a backward that calls X_backward
+        AutocastCPU,   casts the floating inputs to the dtype the op runs in (float32 on
+        AutocastCUDA   CPU, the autocast dtype on CUDA), so that direct torch.ops calls
+                       under torch.autocast behave as the public function does
+
+The Triton kernels also run on CPU tensors under ``TRITON_INTERPRET=1``, which
+is how CI tests them without a GPU.  That is not a dispatch key of the op:
+:func:`interpreted` wraps the same launchers and the same autograd formula in
+a ``torch.autograd.Function``, which the ``triton`` backend calls for CPU
+tensors (:mod:`megan_fast.ops._backend`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -26,11 +37,106 @@ def _op(qualname: str):
 
 
 def _has_cpu_kernel(qualname: str) -> bool:
-    """Whether the C++ extension registered a CPU kernel for ``qualname`` (it may predate the op)."""
+    """Whether the C++ extension registered a CPU kernel for ``qualname``."""
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU")
     except RuntimeError:
         return False
+
+
+def autocast_dtype(device_type: str) -> torch.dtype:
+    """The dtype an op runs in under autocast: the autocast dtype on CUDA; float32 on CPU (whose kernels are
+    float32/float64)."""
+    return torch.float32 if device_type == "cpu" else torch.get_autocast_dtype(device_type)
+
+
+def _cast(args, dtype):
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def autocast_cast(*tensors):
+    """The public functions' autocast step (every backend, not only the ops): casts the floating tensors to
+    :func:`autocast_dtype` inside ``torch.autocast``, and leaves them alone outside it."""
+    first = next(t for t in tensors if t is not None)
+    device_type = first.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    return _cast(tensors, autocast_dtype(device_type))
+
+
+def _register_autocast(qualname: str) -> None:
+    """Autocast kernels of an op (the same cast as :func:`autocast_cast`, below the autocast key)."""
+    op = _op(qualname)
+    name = qualname.split("::")[1]
+    for device_type in ("cpu", "cuda"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def run(*args, _device_type=device_type, _keyset=keyset):
+            with torch._C._ExcludeDispatchKeyGuard(_keyset):
+                return op(*_cast(args, autocast_dtype(_device_type)))
+
+        op.py_impl(getattr(torch._C.DispatchKey, key))(run)  # for tracing (torch.compile)
+        LIB.impl(name, lambda _keys, *args, _run=run: _run(*args), key, with_keyset=True)
+
+
+def interpreted(launchers: tuple[Callable, Callable], make_autograd: Callable) -> Callable:
+    """The Triton kernels on CPU tensors (``TRITON_INTERPRET=1``): the launchers with the op's autograd formula.
+
+    Args:
+        launchers: the Triton (forward, backward) host launchers, with the op's schemas.
+        make_autograd: backward -> (setup_context, backward), as registered for the op.
+    """
+    launch_fwd, launch_bwd = launchers
+    setup_context, backward = make_autograd(launch_bwd)
+
+    class Interpreted(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            return launch_fwd(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    return Interpreted.apply
+
+
+@dataclasses.dataclass
+class FusedOp:
+    """What :func:`register_fused_op` registered for one op."""
+
+    name: str
+    op: Callable  # torch.ops.megan_fast.<name>.default
+    native: bool  # the C++ CPU kernels are built
+    triton_error: str | None  # why the Triton kernels are unavailable, or None
+    cpu_triton: Callable | None  # the interpreted Triton path for CPU tensors (see interpreted)
+
+    def availability(self) -> dict[tuple[str, str], str | None]:
+        """(backend, device type) -> None if it can run there, else why not (for _backend.register_op)."""
+        from megan_fast.ops import _backend
+
+        avail: dict[tuple[str, str], str | None] = {}
+        for dt in _backend.DEVICE_TYPES:
+            avail[("triton", dt)] = self.triton_error or _backend.triton_status(dt)
+            if not self.native:
+                avail[("native", dt)] = f"the C++ extension is not built ({_ext.NATIVE_ERROR})"
+            elif dt != "cpu":
+                avail[("native", dt)] = "the native backend has C++ kernels for CPU tensors only; use 'triton'"
+        return avail
+
+    def auto_cpu(self) -> str:
+        """What ``auto`` runs on CPU tensors: the C++ kernels, or the reference when they are not built."""
+        return "native" if self.native else "reference"
+
+    def cuda_triton_ok(self) -> bool:
+        from megan_fast.ops import _backend
+
+        return self.triton_error is None and _backend.triton_status("cuda") is None
 
 
 def register_fused_op(
@@ -41,45 +147,33 @@ def register_fused_op(
     fake_backward: Callable,
     make_autograd: Callable[[Callable], tuple[Callable, Callable]],
     triton_launchers: tuple[Callable, Callable] | None,
-) -> tuple[str | None, str]:
-    """Registers fakes, autograd and Triton kernels for op ``name``.
+    triton_error: str | None,
+) -> FusedOp:
+    """Registers the CUDA (Triton), Meta, Autograd and Autocast kernels of op ``name`` and its backward.
 
     Args:
         name: op name without namespace.
-        fwd_schema, bwd_schema: argument/return part of the schemas (as in megan_ops.cpp).
+        fwd_schema, bwd_schema: argument/return part of the schemas, as in megan_ops.cpp.
         fake_forward, fake_backward: fake (meta) implementations.
         make_autograd: backward_op -> (setup_context, backward).
         triton_launchers: the Triton (forward, backward) host launchers, or None
-            when Triton is not installed.
-
-    Returns:
-        (native qualname or None when the C++ extension is not built, triton qualname).
+            when Triton is not installed (``triton_error`` says why).
     """
-    triton_fwd = f"megan_fast::{name}_triton"
-    LIB.define(f"{name}_triton{fwd_schema}")
-    LIB.define(f"{name}_triton_backward{bwd_schema}")
-    pairs = [(triton_fwd, f"{triton_fwd}_backward")]
-    native_fwd = None
-    if _ext.NATIVE_AVAILABLE and _has_cpu_kernel(f"megan_fast::{name}"):
-        native_fwd = f"megan_fast::{name}"
-        pairs.append((native_fwd, f"{native_fwd}_backward"))
-
+    fwd, bwd = f"megan_fast::{name}", f"megan_fast::{name}_backward"
+    native = _ext.NATIVE_AVAILABLE and _has_cpu_kernel(fwd)
+    if not hasattr(torch.ops.megan_fast, name):  # no C++ extension: the same schemas, from here
+        LIB.define(f"{name}{fwd_schema}")
+        LIB.define(f"{name}_backward{bwd_schema}")
     if triton_launchers is not None:
-        launch_fwd, launch_bwd = triton_launchers
-        for dev in ("cpu", "cuda"):
-            torch.library.register_kernel(pairs[0][0], dev, launch_fwd, lib=LIB)
-            torch.library.register_kernel(pairs[0][1], dev, launch_bwd, lib=LIB)
-        if native_fwd is not None:
-            # The C++ op also runs on CUDA tensors, through the Triton kernels.
-            torch.library.register_kernel(pairs[1][0], "cuda", launch_fwd, lib=LIB)
-            torch.library.register_kernel(pairs[1][1], "cuda", launch_bwd, lib=LIB)
-
-    for fwd, bwd in pairs:
-        torch.library.register_fake(fwd, fake_forward, lib=LIB)
-        torch.library.register_fake(bwd, fake_backward, lib=LIB)
-        setup_context, backward = make_autograd(_op(bwd))
-        torch.library.register_autograd(fwd, backward, setup_context=setup_context, lib=LIB)
-    return native_fwd, triton_fwd
+        torch.library.register_kernel(fwd, "cuda", triton_launchers[0], lib=LIB)
+        torch.library.register_kernel(bwd, "cuda", triton_launchers[1], lib=LIB)
+    torch.library.register_fake(fwd, fake_forward, lib=LIB)
+    torch.library.register_fake(bwd, fake_backward, lib=LIB)
+    setup_context, backward = make_autograd(_op(bwd))
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context, lib=LIB)
+    _register_autocast(fwd)
+    cpu_triton = interpreted(triton_launchers, make_autograd) if triton_launchers is not None else None
+    return FusedOp(name, _op(fwd), native, triton_error, cpu_triton)
 
 
 def import_triton_module(name: str):
@@ -90,44 +184,3 @@ def import_triton_module(name: str):
         return importlib.import_module(f"megan_fast.triton.{name}"), None
     except ImportError as exc:
         return None, f"triton kernels unavailable ({exc})"
-
-
-def availability(native_op: str | None, triton_error: str | None) -> dict[tuple[str, str], str | None]:
-    """(backend, device type) -> None if it can run there, else why not (for _backend.register_op)."""
-    from megan_fast.ops import _backend
-
-    avail: dict[tuple[str, str], str | None] = {}
-    for dt in _backend.DEVICE_TYPES:
-        avail[("triton", dt)] = triton_error or _backend.triton_status(dt)
-        if native_op is None:
-            avail[("native", dt)] = f"the C++ extension is not built ({_ext.NATIVE_ERROR})"
-        elif dt != "cpu":
-            avail[("native", dt)] = "the native backend has C++ kernels for CPU tensors only; use 'triton'"
-    return avail
-
-
-def auto_choice(native_op: str | None, triton_error: str | None, cpu: str = "native", cuda: str = "triton") -> dict:
-    """Device type -> backend for ``auto``, given the measured preference and what is available."""
-    from megan_fast.ops import _backend
-
-    if cpu == "native" and native_op is None:
-        cpu = "reference"
-    if cuda in ("triton", "triton_or_stock") and (
-            triton_error is not None or _backend.triton_status("cuda") is not None):
-        cuda = "stock"
-    return {"cpu": cpu, "cuda": cuda}
-
-
-def autocast_cast(*tensors):
-    """Casts the floating tensors to the dtype the op runs in under autocast (no-op outside autocast).
-
-    Under ``torch.autocast`` the callers' tensors arrive in mixed dtypes
-    (activations in bf16/fp16, parameters in fp32).  On CUDA the op then runs
-    in the autocast dtype; on CPU, whose kernels are float32/float64, in float32.
-    """
-    first = next(t for t in tensors if t is not None)
-    device_type = first.device.type
-    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.float32 if device_type == "cpu" else torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

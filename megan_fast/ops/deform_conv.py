@@ -2,11 +2,11 @@
 fake kernels, autograd and backend wiring.
 
 Layers (as in flash-attention's interface file):
-    kernels      csrc/cpu/deform_conv.cpp (C++), megan_fast/triton/deform_conv.py
-    ops          torch.ops.megan_fast.modulated_deform_conv2d[_backward]  (C++ schema)
-                 torch.ops.megan_fast.modulated_deform_conv2d_triton[_backward]  (so the Triton
-                 kernels also run on CPU tensors under TRITON_INTERPRET=1); see _library.py
-    autograd     one formula, registered for both ops; the backward calls registered ops only
+    kernels      csrc/cpu/deform_conv.cpp (C++, CPU), megan_fast/triton/deform_conv.py (Triton, CUDA)
+    op           torch.ops.megan_fast.modulated_deform_conv2d[_backward]: one op, one kernel per
+                 dispatch key, fake, autograd and autocast kernels (see _library.py)
+    autograd     one formula; the backward calls the registered backward op only
+    checks       here only (:func:`_check`); the launchers and kernels assert
     public       :func:`modulated_deform_conv2d`, a drop-in for torchvision.ops.deform_conv2d
 """
 
@@ -153,7 +153,7 @@ def _make_autograd(backward_op):
 
 
 _triton_dcn, _TRITON_ERROR = _library.import_triton_module("deform_conv")
-_NATIVE_OP, _TRITON_OP = _library.register_fused_op(
+FUSED = _library.register_fused_op(
     OP,
     _FWD_SCHEMA,
     _BWD_SCHEMA,
@@ -161,6 +161,7 @@ _NATIVE_OP, _TRITON_OP = _library.register_fused_op(
     _fake_backward,
     _make_autograd,
     (_triton_dcn.deform_conv2d_forward, _triton_dcn.deform_conv2d_backward) if _triton_dcn else None,
+    _TRITON_ERROR,
 )
 
 
@@ -168,13 +169,12 @@ _NATIVE_OP, _TRITON_OP = _library.register_fused_op(
 
 
 def _native(input, offset, weight, bias, stride, padding, dilation, mask):
-    return torch.ops.megan_fast.modulated_deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation)
+    """The op: C++ on CPU tensors, Triton on CUDA tensors."""
+    return FUSED.op(input, offset, weight, bias, mask, stride, padding, dilation)
 
 
-def _triton(input, offset, weight, bias, stride, padding, dilation, mask):
-    return torch.ops.megan_fast.modulated_deform_conv2d_triton(
-        input, offset, weight, bias, mask, stride, padding, dilation
-    )
+def _triton_cpu(input, offset, weight, bias, stride, padding, dilation, mask):
+    return FUSED.cpu_triton(input, offset, weight, bias, mask, stride, padding, dilation)
 
 
 def _stock(input, offset, weight, bias, stride, padding, dilation, mask):
@@ -183,27 +183,25 @@ def _stock(input, offset, weight, bias, stride, padding, dilation, mask):
     return torchvision.ops.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
 
 
-def _cuda_auto(input, offset, weight, bias, stride, padding, dilation, mask):
+def _cuda_pick(input, *args) -> str:
     # Measured on an H100 (docs/PERFORMANCE.md): torchvision's CUDA kernels are faster
     # than ours at MEGAN's training shape and in the forward pass; it has no bfloat16
     # kernels (its autocast runs them in float32), so bfloat16 runs ours.
-    if input.dtype == torch.bfloat16:
-        return _triton(input, offset, weight, bias, stride, padding, dilation, mask)
-    return _stock(input, offset, weight, bias, stride, padding, dilation, mask)
+    return "triton" if input.dtype == torch.bfloat16 else "stock"
 
 
 _backend.register_op(
     OP,
     {
         "native": _native,
-        "triton": _triton,
+        "triton": {"cpu": _triton_cpu, "cuda": _native},
         "reference": modulated_deform_conv2d_reference,
         "stock": _stock,
-        "triton_or_stock": _cuda_auto,
     },
-    _library.availability(_NATIVE_OP, _TRITON_ERROR),
-    # Measured: docs/PERFORMANCE.md.
-    _library.auto_choice(_NATIVE_OP, _TRITON_ERROR, cpu="native", cuda="triton_or_stock"),
+    FUSED.availability(),
+    {"cpu": FUSED.auto_cpu(),
+     "cuda": _backend.PerCall(("triton", "stock"), _cuda_pick, "bfloat16: triton; else torchvision (stock)")
+     if FUSED.cuda_triton_ok() else "stock"},
 )
 
 

@@ -95,7 +95,7 @@ def _make_autograd(backward_op):
 
 
 _triton_ga, _TRITON_ERROR = _library.import_triton_module("graph_aggregate")
-_NATIVE_OP, _TRITON_OP = _library.register_fused_op(
+FUSED = _library.register_fused_op(
     OP,
     _FWD_SCHEMA,
     _BWD_SCHEMA,
@@ -103,6 +103,7 @@ _NATIVE_OP, _TRITON_OP = _library.register_fused_op(
     _fake_backward,
     _make_autograd,
     (_triton_ga.graph_aggregate_forward, _triton_ga.graph_aggregate_backward) if _triton_ga else None,
+    _TRITON_ERROR,
 )
 
 
@@ -110,22 +111,24 @@ _NATIVE_OP, _TRITON_OP = _library.register_fused_op(
 
 
 def _native(nodes, w1, b1, w2, negative_slope, return_adjacency):
-    out, adjacency = torch.ops.megan_fast.graph_aggregate(nodes, w1, b1, w2, negative_slope, return_adjacency)
+    """The op: C++ on CPU tensors, Triton on CUDA tensors."""
+    out, adjacency = FUSED.op(nodes, w1, b1, w2, negative_slope, return_adjacency)
     return (out, adjacency) if return_adjacency else out
 
 
-def _triton(nodes, w1, b1, w2, negative_slope, return_adjacency):
-    out, adjacency = torch.ops.megan_fast.graph_aggregate_triton(nodes, w1, b1, w2, negative_slope, return_adjacency)
+def _triton_cpu(nodes, w1, b1, w2, negative_slope, return_adjacency):
+    out, adjacency = FUSED.cpu_triton(nodes, w1, b1, w2, negative_slope, return_adjacency)
     return (out, adjacency) if return_adjacency else out
 
 
 _backend.register_op(
     OP,
-    # There is no stock library op for this: "stock" is the plain formula.
-    {"native": _native, "triton": _triton, "reference": graph_aggregate_reference, "stock": graph_aggregate_reference},
-    _library.availability(_NATIVE_OP, _TRITON_ERROR),
+    # There is no stock library op for this: "stock" is the plain formula, as "reference" is.
+    {"native": _native, "triton": {"cpu": _triton_cpu, "cuda": _native}, "reference": graph_aggregate_reference,
+     "stock": graph_aggregate_reference},
+    FUSED.availability(),
     # Measured: docs/PERFORMANCE.md.
-    _library.auto_choice(_NATIVE_OP, _TRITON_ERROR, cpu="native", cuda="triton"),
+    {"cpu": FUSED.auto_cpu(), "cuda": "triton" if FUSED.cuda_triton_ok() else "stock"},
 )
 
 

@@ -91,7 +91,7 @@ def _make_autograd(backward_op):
 
 
 _triton_nla, _TRITON_ERROR = _library.import_triton_module("nonlocal_attention")
-_NATIVE_OP, _TRITON_OP = _library.register_fused_op(
+FUSED = _library.register_fused_op(
     OP,
     _FWD_SCHEMA,
     _BWD_SCHEMA,
@@ -99,6 +99,7 @@ _NATIVE_OP, _TRITON_OP = _library.register_fused_op(
     _fake_backward,
     _make_autograd,
     (_triton_nla.nonlocal_attention_forward, _triton_nla.nonlocal_attention_backward) if _triton_nla else None,
+    _TRITON_ERROR,
 )
 
 
@@ -106,11 +107,12 @@ _NATIVE_OP, _TRITON_OP = _library.register_fused_op(
 
 
 def _native(q, k, v, scale):
-    return torch.ops.megan_fast.nonlocal_attention(q, k, v, scale)[0]
+    """The op: C++ on CPU tensors, Triton on CUDA tensors."""
+    return FUSED.op(q, k, v, scale)[0]
 
 
-def _triton(q, k, v, scale):
-    return torch.ops.megan_fast.nonlocal_attention_triton(q, k, v, scale)[0]
+def _triton_cpu(q, k, v, scale):
+    return FUSED.cpu_triton(q, k, v, scale)[0]
 
 
 def _stock(q, k, v, scale):
@@ -126,24 +128,25 @@ def _stock(q, k, v, scale):
 CUDA_TRITON_MIN_NM = 1 << 22
 
 
-def _cuda_auto(q, k, v, scale):
+def _cuda_pick(q, k, v, scale) -> str:
     # Measured on an H100 (docs/PERFORMANCE.md): the Triton forward is 1.09-1.10x SDPA's flash
     # kernel from n = m = 7,168 up (fp16/bf16) but 3.5x slower at 1,024, and SDPA's backward
     # is faster at every size measured.
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if not needs_grad and q.shape[1] * k.shape[1] >= CUDA_TRITON_MIN_NM and q.dtype != torch.float32:
-        return _triton(q, k, v, scale)
-    return _stock(q, k, v, scale)
+        return "triton"
+    return "stock"
 
 
 _backend.register_op(
     OP,
-    {"native": _native, "triton": _triton, "reference": nonlocal_attention_reference, "stock": _stock,
-     "triton_or_stock": _cuda_auto},
-    _library.availability(_NATIVE_OP, _TRITON_ERROR),
-    # Measured: docs/PERFORMANCE.md.  On CUDA: the Triton kernel for large
-    # forward-only fp16/bf16 problems, SDPA otherwise (_cuda_auto).
-    _library.auto_choice(_NATIVE_OP, _TRITON_ERROR, cpu="native", cuda="triton_or_stock"),
+    {"native": _native, "triton": {"cpu": _triton_cpu, "cuda": _native}, "reference": nonlocal_attention_reference,
+     "stock": _stock},
+    FUSED.availability(),
+    {"cpu": FUSED.auto_cpu(),
+     "cuda": _backend.PerCall(("triton", "stock"), _cuda_pick,
+                              "triton for forward-only fp16/bf16 with n*m >= 2**22; else SDPA (stock)")
+     if FUSED.cuda_triton_ok() else "stock"},
 )
 
 

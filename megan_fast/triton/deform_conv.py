@@ -72,14 +72,14 @@ accumulation buffers are fp32 (fp64 for fp64) and cast at the end.
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from megan_fast.triton._utils import dot, expect, launch, num_sms, numel_needs_int64, runnable
 
 __all__ = ["deform_conv2d_forward", "deform_conv2d_backward"]
 
@@ -87,15 +87,6 @@ __all__ = ["deform_conv2d_forward", "deform_conv2d_backward"]
 # =============================================================================
 # JIT helpers
 # =============================================================================
-
-
-@triton.jit
-def _mma(a, b, acc, IEEE: tl.constexpr):
-    """acc + a @ b.  IEEE: full fp32/fp64 products (no TF32)."""
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -269,7 +260,7 @@ def _dcn_fwd_kernel(
             mask=(r < KC)[:, None] & n_ok[None, :], other=0.0,
         )
         # fp16/bf16: the low-precision tile goes to the tensor cores, fp32 accumulation.
-        acc = _mma(cols.to(wt.dtype), wt, acc, IEEE)
+        acc = dot(cols.to(wt.dtype), wt, acc, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + g * Cog + n, mask=n_ok, other=0.0).to(CDT)[None, :]
     out_off = (b[:, None] * Co + g * Cog + n[None, :]) * HoWo + pix[:, None]
@@ -321,7 +312,7 @@ def _dcn_bwd_data_kernel(
             w_ptr + (g * KC + r[None, :]) * Cog + n[:, None],
             mask=r_ok[None, :] & n_ok[:, None], other=0.0,
         )
-        gcol = _mma(go, wt, gcol, IEEE)
+        gcol = dot(go, wt, gcol, IEEE)
     gcol3 = tl.reshape(gcol, (BLOCK_P, NCHUNK, CHUNK))
 
     # ---- sample points of the tile (per chunk)
@@ -408,7 +399,7 @@ def _dcn_bwd_weight_kernel(
             gout_ptr + (b[:, None] * Co + g * Cog + n[None, :]) * HoWo + pix[:, None],
             mask=p_ok[:, None] & n_ok[None, :], other=0.0,
         )
-        acc = _mma(tl.trans(cols.to(go.dtype)), go, acc, IEEE)
+        acc = dot(tl.trans(cols.to(go.dtype)), go, acc, IEEE)
     part_off = ((s * G + g) * KC + r[:, None]) * Cog + n[None, :]
     tl.store(part_ptr + part_off, acc, mask=(r < KC)[:, None] & n_ok[None, :])
 
@@ -417,8 +408,6 @@ def _dcn_bwd_weight_kernel(
 # Host side
 # =============================================================================
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_INT32_LIMIT = 2**31 - 1
 
 
 def _pow2_factor(n: int) -> int:
@@ -426,38 +415,22 @@ def _pow2_factor(n: int) -> int:
     return n & -n
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _geometry(input: Tensor, offset: Tensor, weight: Tensor, stride, padding, dilation) -> dict:
     b, c, h, w = input.shape
     co, cg, kh, kw = weight.shape
-    if cg <= 0 or c % cg != 0:
-        raise ValueError(f"deform_conv2d: input channels {c} not divisible by weight.shape[1] = {cg}")
-    groups = c // cg
-    if co % groups != 0:
-        raise ValueError(f"deform_conv2d: weight.shape[0] = {co} not divisible by groups = {groups}")
     k = kh * kw
-    if offset.shape[1] == 0 or offset.shape[1] % (2 * k) != 0:
-        raise ValueError(f"deform_conv2d: offset has {offset.shape[1]} channels, not a positive multiple of 2*kh*kw = {2 * k}")
+    expect(cg > 0 and c % cg == 0 and offset.shape[1] > 0 and offset.shape[1] % (2 * k) == 0,
+           f"deform_conv2d: inconsistent channels (input {c}, weight {tuple(weight.shape)}, offset {offset.shape[1]})")
+    groups = c // cg
     og = offset.shape[1] // (2 * k)
-    if c % og != 0:
-        raise ValueError(f"deform_conv2d: input channels {c} not divisible by offset groups {og}")
+    expect(co % groups == 0 and c % og == 0, f"deform_conv2d: groups {groups} / offset groups {og} do not divide")
     sh, sw = (int(v) for v in stride)
     ph, pw = (int(v) for v in padding)
     dh, dw = (int(v) for v in dilation)
     ho = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
     wo = (w + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
-    if tuple(offset.shape) != (b, 2 * og * k, ho, wo):
-        raise ValueError(f"deform_conv2d: offset shape {tuple(offset.shape)}, expected {(b, 2 * og * k, ho, wo)}")
+    expect(tuple(offset.shape) == (b, 2 * og * k, ho, wo),
+           f"deform_conv2d: offset shape {tuple(offset.shape)}, expected {(b, 2 * og * k, ho, wo)}")
     cpo = c // og
     return dict(
         B=b, C=c, H=h, W=w, Co=co, Cg=cg, G=groups, Cog=co // groups, KH=kh, KW=kw, K=k, KC=k * cg,
@@ -466,18 +439,6 @@ def _geometry(input: Tensor, offset: Tensor, weight: Tensor, stride, padding, di
         # A chunk of channels shares one tap and one offset group (see the module docstring).
         chunk_base=_pow2_factor(math.gcd(cg, cpo)),
     )
-
-
-def _check_dtype(t: Tensor) -> None:
-    allowed = (torch.float32, torch.float64) if t.device.type == "cpu" else (
-        torch.float32, torch.float16, torch.bfloat16, torch.float64)
-    if t.dtype not in allowed:
-        raise TypeError(
-            f"deform_conv2d (triton): dtype {t.dtype} is not supported on {t.device.type}; expected one of "
-            + ", ".join(str(d) for d in allowed)
-        )
-    if t.device.type == "cpu" and not _INTERPRET:
-        raise RuntimeError("deform_conv2d (triton): CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
 
 
 def _compute_dtype(dtype: torch.dtype):
@@ -498,7 +459,8 @@ def _fwd_config(geo: dict, device: torch.device, dtype: torch.dtype) -> dict:
     # Cover all of a group's output channels (up to 128) with one N tile so the
     # (expensive) sampling of a column tile is done once per pixel tile.  The sizes
     # and warp counts below compile without register spills for sm_90 (ptxas -v,
-    # fp32 and fp16, chunks of 1, 8 and 32 channels); they are not timed.
+    # fp32 and fp16, chunks of 1, 8 and 32 channels); timed on an H100 in
+    # docs/PERFORMANCE.md ("modulated_deform_conv2d vs torchvision"), not tuned per shape.
     bn = _next_pow2_clamped(geo["Cog"], 16, 128)
     return dict(BLOCK_P=64, BLOCK_N=bn, BLOCK_K=32, num_warps=8, num_stages=2)
 
@@ -527,10 +489,6 @@ def _chunk(geo: dict, block_k: int) -> int:
     return min(geo["chunk_base"], block_k)
 
 
-def _needs_int64(*tensors: Tensor) -> bool:
-    return any(t is not None and t.numel() > _INT32_LIMIT // 2 for t in tensors)
-
-
 def _conv_args(geo: dict) -> tuple:
     return (geo["P"], geo["C"], geo["H"], geo["W"], geo["Ho"], geo["Wo"], geo["Co"], geo["Cg"], geo["Cog"],
             geo["KC"], geo["Cpo"], geo["OG"], geo["KW"], geo["K"])
@@ -544,18 +502,6 @@ def _permuted_weight(weight: Tensor, geo: dict) -> Tensor:
 def _channels_last(input: Tensor) -> Tensor:
     """(B, H, W, C) contiguous; no copy when the input already is channels_last."""
     return input.permute(0, 2, 3, 1).contiguous()
-
-
-def _launch(kernel, grid, args, meta, dtype: torch.dtype, device: torch.device):
-    try:
-        kernel[grid](*args, **meta)
-    except Exception as exc:  # noqa: BLE001 - re-raised with a clearer message
-        if dtype == torch.float64 and device.type == "cuda":
-            raise TypeError(
-                "deform_conv2d (triton): float64 tl.dot is not supported by this Triton / GPU "
-                f"combination ({type(exc).__name__}: {exc}); use float32 or the CPU backend for float64"
-            ) from exc
-        raise
 
 
 def _like(result: Tensor, like: Tensor) -> Tensor:
@@ -583,7 +529,7 @@ def deform_conv2d_forward(
     stride / padding / dilation: pairs of ints.  Returns (B, Co, Ho, Wo) in the
     input dtype.
     """
-    _check_dtype(input)
+    runnable(input, "deform_conv2d")
     geo = _geometry(input, offset, weight, stride, padding, dilation)
     out = input.new_empty(geo["B"], geo["Co"], geo["Ho"], geo["Wo"])
     if out.numel() == 0:
@@ -602,11 +548,11 @@ def deform_conv2d_forward(
     meta = dict(
         HAS_MASK=mask_c is not None, HAS_BIAS=bias_c is not None,
         IEEE=dtype in (torch.float32, torch.float64), CDT=_compute_dtype(dtype),
-        INT64=_needs_int64(x, offset, out),
+        INT64=numel_needs_int64(x, offset, out),
         BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], CHUNK=chunk,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    _launch(_dcn_fwd_kernel, grid, args, meta, dtype, device)
+    launch(_dcn_fwd_kernel, grid, args, meta, "deform_conv2d", dtype, device)
     return out
 
 
@@ -625,7 +571,7 @@ def deform_conv2d_backward(
     grad_mask is ``input.new_empty(0)`` when mask is None.  No bias gradient
     (it is grad_output.sum((0, 2, 3))).
     """
-    _check_dtype(input)
+    runnable(input, "deform_conv2d")
     geo = _geometry(input, offset, weight, stride, padding, dilation)
     device, dtype = input.device, input.dtype
     if geo["P"] == 0:
@@ -641,7 +587,7 @@ def deform_conv2d_backward(
     offset_c = offset.contiguous()
     mask_c = mask.contiguous() if mask is not None else None
     wt = _permuted_weight(weight, geo)
-    int64 = _needs_int64(x, offset_c, gout)
+    int64 = numel_needs_int64(x, offset_c, gout)
     common = dict(HAS_MASK=mask_c is not None, IEEE=dtype in (torch.float32, torch.float64),
                   CDT=_compute_dtype(dtype), INT64=int64)
 
@@ -655,7 +601,7 @@ def deform_conv2d_backward(
             *_conv_args(geo), *geo["conv"])
     meta = dict(common, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                 CHUNK=_chunk(geo, cfg["BLOCK_K"]), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _launch(_dcn_bwd_data_kernel, grid, args, meta, dtype, device)
+    launch(_dcn_bwd_data_kernel, grid, args, meta, "deform_conv2d", dtype, device)
 
     # ---- grad_weight: split over pixel tiles, partial sums reduced on the host
     cfg = _bwd_weight_config(geo, device, dtype)
@@ -667,7 +613,7 @@ def deform_conv2d_backward(
         split = min(cfg["max_split"], tiles_p)
     else:
         # ~4 programs per SM, each over >= 4 pixel tiles, partial buffer <= 32M elements.
-        split = triton.cdiv(4 * _num_sms(device), base_programs)
+        split = triton.cdiv(4 * num_sms(device), base_programs)
         split = min(split, max(1, tiles_p // 4), max(1, (1 << 25) // (geo["G"] * geo["KC"] * geo["Cog"])))
         split = max(split, 1)
     tiles_per_split = triton.cdiv(tiles_p, split)
@@ -678,7 +624,7 @@ def deform_conv2d_backward(
             *_conv_args(geo), geo["G"], tiles_per_split, *geo["conv"])
     meta = dict(common, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                 CHUNK=_chunk(geo, cfg["BLOCK_K"]), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _launch(_dcn_bwd_weight_kernel, grid, args, meta, dtype, device)
+    launch(_dcn_bwd_weight_kernel, grid, args, meta, "deform_conv2d", dtype, device)
     gw = part.sum(0) if split > 1 else part[0]
     # (G, K, Cg, Cog) -> (G, Cog, Cg, K) -> (Co, Cg, KH, KW)
     gw = gw.view(geo["G"], geo["K"], geo["Cg"], geo["Cog"]).permute(0, 3, 2, 1)

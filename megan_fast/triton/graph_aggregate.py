@@ -98,8 +98,6 @@ bits, plenty for the fp64 checks).
 
 from __future__ import annotations
 
-import functools
-import os
 import struct
 
 import torch
@@ -107,22 +105,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from megan_fast.triton._utils import dot, launch, num_sms, numel_needs_int64, runnable
+
 __all__ = ["graph_aggregate_forward", "graph_aggregate_backward"]
 
 
 # =============================================================================
 # JIT helpers
 # =============================================================================
-
-
-@triton.jit
-def _mm(a, b, acc, IEEE: tl.constexpr):
-    """acc + a @ b, accumulated in acc's type.  IEEE: exact fp32/fp64 products (no TF32)."""
-    if IEEE:
-        r = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        r = tl.dot(a, b, acc)
-    return r
 
 
 @triton.jit
@@ -201,7 +191,7 @@ def _pair_hidden(
             for q in tl.static_range(p + 1, P):
                 d = tl.abs(E[p] - E[q])
                 if USE_DOT:
-                    zz = _mm(w.to(DOT_DT), d.to(DOT_DT), Z[p * (2 * P - p - 1) // 2 + q - p - 1], IEEE)
+                    zz = dot(w.to(DOT_DT), d.to(DOT_DT), Z[p * (2 * P - p - 1) // 2 + q - p - 1], IEEE)
                 else:
                     # Tiny hd / c: [HD_PAD, KC, BLOCK_PIX] products summed over the channels.
                     zz = Z[p * (2 * P - p - 1) // 2 + q - p - 1] + tl.sum(
@@ -406,8 +396,8 @@ def _ga_bwd_kernel(
                     diff = E[i] - E[j]
                     dzp = DZ[i * (2 * P - i - 1) // 2 + j - i - 1]
                     if USE_DOT:
-                        dw1 = _mm(dzp, tl.trans(tl.abs(diff).to(DOT_DT)), dw1, IEEE)  # += dz |d|^T
-                        dd = _mm(wt.to(DOT_DT), dzp, tl.zeros([KC, BLOCK_PIX], dtype=CDT), IEEE)  # w1^T dz
+                        dw1 = dot(dzp, tl.trans(tl.abs(diff).to(DOT_DT)), dw1, IEEE)  # += dz |d|^T
+                        dd = dot(wt.to(DOT_DT), dzp, tl.zeros([KC, BLOCK_PIX], dtype=CDT), IEEE)  # w1^T dz
                     else:
                         dw1 += tl.sum(dzp[:, None, :] * tl.abs(diff)[None, :, :], axis=2)
                         dd = tl.sum(wt.to(CDT)[:, :, None] * dzp[None, :, :], axis=1)
@@ -431,39 +421,6 @@ def _ga_bwd_kernel(
 # Host side
 # =============================================================================
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_INT32_LIMIT = 2**31 - 1
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _check_dtype(t: Tensor) -> None:
-    if t.device.type == "cpu":
-        allowed = (torch.float32, torch.float64)
-    else:
-        allowed = (torch.float32, torch.float16, torch.bfloat16)
-        if t.dtype == torch.float64:
-            raise TypeError(
-                "graph_aggregate (triton): float64 is not supported on GPU by these kernels (float32, "
-                "float16 and bfloat16 are); use float32, or float64 on the CPU"
-            )
-    if t.dtype not in allowed:
-        raise TypeError(
-            f"graph_aggregate (triton): dtype {t.dtype} is not supported on {t.device.type}; expected one of "
-            + ", ".join(str(d) for d in allowed)
-        )
-    if t.device.type == "cpu" and not _INTERPRET:
-        raise RuntimeError(
-            "graph_aggregate (triton): CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
 
 
 def _split_slope(x: float) -> tuple[float, float]:
@@ -492,8 +449,8 @@ def _config(p: int, c: int, hd: int, device: torch.device, backward: bool) -> di
         # Interpreter: the smallest tiles tl.dot accepts keep numpy temporaries
         # small, and the tiny test problems get tails and several tiles.
         return dict(cfg, BLOCK_PIX=16, num_warps=4, progs_per_sm=None)
-    # sm_90, chosen from ptxas -v on kernels compiled ahead of time (not timed:
-    # no GPU was at hand): the register footprint grows with the per-pair
+    # sm_90, chosen from ptxas -v on kernels compiled ahead of time (timed on an
+    # H100 afterwards, docs/PERFORMANCE.md; not tuned per shape): the register footprint grows with the per-pair
     # tensors, so fewer pixels per program for larger P.  MEGAN (P=5, c=64,
     # hd=16): forward 96 (fp16/bf16) / 178 (fp32) registers, no spills;
     # backward 255 registers and 28-116 bytes of spills.  P = 7, 8 spill more
@@ -501,10 +458,6 @@ def _config(p: int, c: int, hd: int, device: torch.device, backward: bool) -> di
     if backward:
         return dict(cfg, BLOCK_PIX=64 if p <= 2 else 32, num_warps=8, progs_per_sm=2)
     return dict(cfg, BLOCK_PIX=64 if p <= 3 else 32 if p <= 6 else 16, num_warps=4, progs_per_sm=None)
-
-
-def _launch(kernel, grid, args, meta) -> None:
-    kernel[grid](*args, **meta)
 
 
 def _common_meta(cfg: dict, p: int, dtype: torch.dtype, int64: bool) -> dict:
@@ -526,7 +479,7 @@ def graph_aggregate_forward(
     adjacency (b, p, p, h, w) with a zero diagonal, or ``nodes.new_empty(0)``
     when not return_adjacency).  Outputs are contiguous, in the nodes' dtype.
     """
-    _check_dtype(nodes)
+    runnable(nodes, "graph_aggregate")
     b, p, c, h, w = nodes.shape
     hd = w1.shape[0]
     hw = h * w
@@ -538,11 +491,12 @@ def graph_aggregate_forward(
     cfg = _config(p, c, hd, nodes.device, backward=False)
     tiles = triton.cdiv(hw, cfg["BLOCK_PIX"])
     slope_hi, slope_lo = _split_slope(float(negative_slope))
-    int64 = max(x.numel(), adj.numel()) > _INT32_LIMIT // 2
+    int64 = numel_needs_int64(x, adj)
     meta = _common_meta(cfg, p, nodes.dtype, int64)
     args = (x, w1.contiguous(), b1.contiguous(), w2.contiguous(), out, adj if return_adjacency else out,
             c, hw, hd, tiles, slope_hi, slope_lo)
-    _launch(_ga_fwd_kernel, (b * tiles,), args, dict(meta, STORE_ADJ=bool(return_adjacency)))
+    launch(_ga_fwd_kernel, (b * tiles,), args, dict(meta, STORE_ADJ=bool(return_adjacency)), "graph_aggregate",
+           nodes.dtype, nodes.device)
     return out, adj
 
 
@@ -553,7 +507,7 @@ def graph_aggregate_backward(
 
     Recomputes the scores and the adjacency; no host synchronisation.
     """
-    _check_dtype(nodes)
+    runnable(nodes, "graph_aggregate")
     b, p, c, h, w = nodes.shape
     hd = w1.shape[0]
     hw = h * w
@@ -573,13 +527,13 @@ def graph_aggregate_backward(
     if cfg["progs_per_sm"] is None:
         nprog = min(num_tiles, 3)  # interpreter: several programs, several tiles each
     else:
-        nprog = min(num_tiles, cfg["progs_per_sm"] * _num_sms(device))
+        nprog = min(num_tiles, cfg["progs_per_sm"] * num_sms(device))
     wpart = torch.zeros(nprog, hd * c + 2 * hd, dtype=acc_dtype, device=device)
     slope_hi, slope_lo = _split_slope(float(negative_slope))
-    meta = _common_meta(cfg, p, dtype, x.numel() > _INT32_LIMIT // 2)
+    meta = _common_meta(cfg, p, dtype, numel_needs_int64(x))
     args = (gout, x, w1.contiguous(), b1.contiguous(), w2.contiguous(), grad_nodes, wpart,
             c, hw, hd, tiles, num_tiles, nprog, slope_hi, slope_lo)
-    _launch(_ga_bwd_kernel, (nprog,), args, meta)
+    launch(_ga_bwd_kernel, (nprog,), args, meta, "graph_aggregate", dtype, device)
     wsum = wpart.sum(0)
     # Separate tensors (not views of one buffer), in the weights' dtype.
     grad_w1 = wsum[: hd * c].view(hd, c).to(dtype, copy=True)

@@ -87,15 +87,15 @@ compute type (about 48 bits, plenty for fp64 checks).
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 import struct
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from megan_fast.triton._utils import dot, expect, launch, num_sms, runnable, strided_needs_int64
 
 __all__ = ["nonlocal_attention_forward", "nonlocal_attention_backward"]
 
@@ -105,16 +105,6 @@ _LOG2E = 1.4426950408889634  # log2(e)
 # =============================================================================
 # JIT helpers
 # =============================================================================
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    """acc + a @ b (acc may be None).  IEEE: exact fp32/fp64 products (no TF32)."""
-    if IEEE:
-        r = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        r = tl.dot(a, b, acc)
-    return r
 
 
 @triton.jit
@@ -196,7 +186,7 @@ def _nla_fwd_step(
                     d_ok, kv_ok, MASK_D, MASK_KV)
     # Logits in log2 units.  The scale multiplies the product (as torch does)
     # rather than q, and the max is taken after scaling: correct for scale < 0.
-    s = _dot(q, kt, None, IEEE) * qk_scale
+    s = dot(q, kt, None, IEEE) * qk_scale
     if MASK_KV:
         s = tl.where(kv_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -208,7 +198,7 @@ def _nla_fwd_step(
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_tile(v_base + rows[:, None] * stride_vm + offs_dv[None, :] * stride_vd,
                    kv_ok, dv_ok, MASK_KV, MASK_DV)
-    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+    acc = dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
     return acc, m_new, l_i
 
 
@@ -332,11 +322,11 @@ def _nla_bwd_dkdv_step(
     # P^T [BLOCK_KV, BLOCK_Q].  Masked query rows (lse2 = +inf) give 0 exactly.
     # Key rows past M (tail program) hold garbage, but every row of dK / dV
     # depends on its own row of P^T / dS^T only, and those rows are not stored.
-    pt = tl.exp2(_dot(k, tl.trans(q), None, IEEE) * qk_scale - lse2[None, :])
-    dv = _dot(pt.to(do.dtype), do, dv, IEEE)  # dV += P^T dO
-    dpt = _dot(v, tl.trans(do), None, IEEE)  # dP^T = V dO^T
+    pt = tl.exp2(dot(k, tl.trans(q), None, IEEE) * qk_scale - lse2[None, :])
+    dv = dot(pt.to(do.dtype), do, dv, IEEE)  # dV += P^T dO
+    dpt = dot(v, tl.trans(do), None, IEEE)  # dP^T = V dO^T
     dst = pt * (dpt - delta[None, :])  # dS^T
-    dk = _dot(dst.to(q.dtype), q, dk, IEEE)  # dK += dS^T Q (times scale at the end)
+    dk = dot(dst.to(q.dtype), q, dk, IEEE)  # dK += dS^T Q (times scale at the end)
     return dk, dv
 
 
@@ -419,14 +409,14 @@ def _nla_bwd_dq_step(
     k = _load_tile(k_base + rows[:, None] * stride_km + offs_d[None, :] * stride_kd, kv_ok, d_ok, MASK_KV, MASK_D)
     # V^T tile [BLOCK_DV, BLOCK_KV], loaded transposed.
     vt = _load_tile(v_base + offs_dv[:, None] * stride_vd + rows[None, :] * stride_vm, dv_ok, kv_ok, MASK_DV, MASK_KV)
-    p = tl.exp2(_dot(q, tl.trans(k), None, IEEE) * qk_scale - lse2[:, None])
+    p = tl.exp2(dot(q, tl.trans(k), None, IEEE) * qk_scale - lse2[:, None])
     if MASK_KV:
         # A 0-loaded key has logit 0, and exp2(0 - lse2) can even be inf for very
         # negative logits: force p = 0 so that the product with the 0 key row is 0.
         p = tl.where(kv_ok[None, :], p, 0.0)
-    dp = _dot(do, vt, None, IEEE)  # dP = dO V^T
+    dp = dot(do, vt, None, IEEE)  # dP = dO V^T
     ds = p * (dp - delta[:, None])
-    dq = _dot(ds.to(k.dtype), k, dq, IEEE)  # dQ += dS K (times scale at the end)
+    dq = dot(ds.to(k.dtype), k, dq, IEEE)  # dQ += dS K (times scale at the end)
     return dq
 
 
@@ -497,34 +487,15 @@ def _nla_bwd_dq_kernel(
 # Host side
 # =============================================================================
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_INT32_LIMIT = 2**31 - 1
-_CPU_DTYPES = (torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
-    fn = "nonlocal_attention (triton)"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"{fn}: {name} must be 3-D, got shape {tuple(t.shape)}")
-        if t.device != q.device:
-            raise ValueError(f"{fn}: {name} is on {t.device} but q is on {q.device}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{fn}: {name} has dtype {t.dtype} but q has {q.dtype}")
-    b, _, d = q.shape
-    if k.shape[0] != b or k.shape[2] != d:
-        raise ValueError(f"{fn}: k must have shape ({b}, m, {d}), got {tuple(k.shape)}")
-    if v.shape[0] != b or v.shape[1] != k.shape[1]:
-        raise ValueError(f"{fn}: v must have shape ({b}, {k.shape[1]}, dv), got {tuple(v.shape)}")
-    allowed = _CPU_DTYPES if q.device.type == "cpu" else _CUDA_DTYPES
-    if q.dtype not in allowed:
-        raise TypeError(
-            f"{fn}: dtype {q.dtype} is not supported on {q.device.type}; expected one of "
-            + ", ".join(str(t) for t in allowed)
-        )
-    if q.device.type == "cpu" and not _INTERPRET:
-        raise RuntimeError(f"{fn}: CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+def _expect_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """What the kernels rely on (the public op checks and explains): 3-D, one dtype and device, matching sizes."""
+    expect(q.dim() == k.dim() == v.dim() == 3, "nonlocal_attention: q, k, v must be 3-D")
+    expect(q.dtype == k.dtype == v.dtype and q.device == k.device == v.device,
+           "nonlocal_attention: q, k, v must share one dtype and device")
+    expect(k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2] and v.shape[:2] == k.shape[:2],
+           f"nonlocal_attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
 
 
 def _split_f32(x: float) -> tuple[float, float]:
@@ -553,38 +524,21 @@ def _head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(max(d, 1)))
 
 
-def _needs_int64(*tensors: Tensor) -> bool:
-    """Whether some in-batch element offset (rows * row stride + ...) may exceed int32."""
-    for t in tensors:
-        if sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]) if s > 0) > _INT32_LIMIT:
-            return True
-    return False
-
-
 # Block configurations.  CPU (interpreter): tiny tiles, so that the small test
 # problems span several blocks (online-softmax rescaling, tails) and numpy
-# temporaries stay small.  CUDA: chosen for MEGAN's head dim 32 on an H100
-# but not yet measured (written without a GPU); fp32 goes through exact (not
-# TF32) fp32 products, fp64 through fp64 ones: smaller tiles for both.  No
-# triton.autotune: its benchmarking syncs the host on every new key and does
-# not mix with CUDA-graph capture.
+# temporaries stay small.  CUDA: chosen for MEGAN's head dim 32 and measured on
+# an H100 (docs/PERFORMANCE.md, "nonlocal_attention vs SDPA"); fp32 goes through
+# exact (not TF32) fp32 products with smaller tiles.  float64 runs on CPU only
+# (the public op refuses it on GPUs).  No triton.autotune: its benchmarking
+# syncs the host on every new key and does not mix with CUDA-graph capture.
 _CPU_CFG = dict(BLOCK_Q=16, BLOCK_KV=16, num_warps=4, num_stages=1)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _fill(rows: int, block: int, b: int, device: torch.device) -> int:
     """block, halved (down to 64) while the grid (cdiv(rows, block), b) has fewer
     programs than the GPU has SMs: n = 1024 with a batch of 1 would otherwise
     run 8 programs of 128 rows on a 132-SM H100."""
-    while block > 64 and triton.cdiv(rows, block) * b < _num_sms(device):
+    while block > 64 and triton.cdiv(rows, block) * b < num_sms(device):
         block //= 2
     return block
 
@@ -592,8 +546,6 @@ def _fill(rows: int, block: int, b: int, device: torch.device) -> int:
 def _fwd_config(device: torch.device, dtype: torch.dtype, bd: int, bdv: int, b: int, n: int) -> dict:
     if device.type != "cuda":
         return dict(_CPU_CFG)
-    if dtype == torch.float64:
-        return dict(BLOCK_Q=32, BLOCK_KV=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_Q=64, BLOCK_KV=32, num_warps=4, num_stages=2)
     if max(bd, bdv) <= 64:
@@ -608,9 +560,6 @@ def _bwd_config(device: torch.device, dtype: torch.dtype, bd: int, bdv: int, b: 
     BLOCK_Q queries; dq the other way round (its own BLOCK_Q_DQ / BLOCK_KV_DQ)."""
     if device.type != "cuda":
         return dict(_CPU_CFG, BLOCK_Q_DQ=16, BLOCK_KV_DQ=16, BLOCK_PRE=16)
-    if dtype == torch.float64:
-        return dict(BLOCK_Q=16, BLOCK_KV=32, BLOCK_Q_DQ=32, BLOCK_KV_DQ=16, BLOCK_PRE=64,
-                    num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_Q=32, BLOCK_KV=64, BLOCK_Q_DQ=64, BLOCK_KV_DQ=32, BLOCK_PRE=128,
                     num_warps=4, num_stages=2)
@@ -621,23 +570,12 @@ def _bwd_config(device: torch.device, dtype: torch.dtype, bd: int, bdv: int, b: 
                 num_warps=8 if max(bd, bdv) > 128 else 4, num_stages=2)
 
 
-def _launch(kernel, grid, args, meta, dtype: torch.dtype, device: torch.device) -> None:
-    try:
-        kernel[grid](*args, **meta)
-    except Exception as exc:  # noqa: BLE001 - re-raised with a clearer message
-        if dtype == torch.float64 and device.type == "cuda":
-            raise TypeError(
-                "nonlocal_attention (triton): float64 tl.dot / exp2 is not supported by this Triton / GPU "
-                f"combination ({type(exc).__name__}: {exc}); use float32, or the CPU backend for float64"
-            ) from exc
-        raise
-
-
 def nonlocal_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(out, lse): out = softmax(scale q k^T) v (b, n, dv) in q's dtype, lse (b, n) the row
     log-sum-exp of scale q k^T in float32 (float64 for float64 inputs); m = 0 gives
     out = 0 and lse = -inf.  Inputs may have any strides."""
-    _check_inputs(q, k, v)
+    runnable(q, "nonlocal_attention")
+    _expect_shapes(q, k, v)
     b, n, d = q.shape
     m, dv = k.shape[1], v.shape[2]
     device, dtype = q.device, q.dtype
@@ -656,10 +594,10 @@ def nonlocal_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) ->
     )
     meta = dict(
         D=d, DV=dv, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_KV=cfg["BLOCK_KV"], BLOCK_D=bd, BLOCK_DV=bdv,
-        IEEE=dtype in (torch.float32, torch.float64), CDT=_compute_dtype(dtype), INT64=_needs_int64(q, k, v, out),
+        IEEE=dtype in (torch.float32, torch.float64), CDT=_compute_dtype(dtype), INT64=strided_needs_int64(q, k, v, out),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    _launch(_nla_fwd_kernel, grid, args, meta, dtype, device)
+    launch(_nla_fwd_kernel, grid, args, meta, "nonlocal_attention", dtype, device)
     return out, lse
 
 
@@ -670,7 +608,7 @@ def nonlocal_attention_backward(
 
     The gradients have the dtype and (for dense inputs) the strides of q, k, v.
     """
-    _check_inputs(q, k, v)
+    runnable(q, "nonlocal_attention")
     b, n, d = q.shape
     m, dv = k.shape[1], v.shape[2]
     device, dtype = q.device, q.dtype
@@ -686,7 +624,7 @@ def nonlocal_attention_backward(
     bd, bdv = _head_block(d), _head_block(dv)
     cfg = _bwd_config(device, dtype, bd, bdv, b, n, m)
     cdt = _compute_dtype(dtype)
-    int64 = _needs_int64(q, k, v, grad_out, out)
+    int64 = strided_needs_int64(q, k, v, grad_out, out)
     ieee = dtype in (torch.float32, torch.float64)
     qk_hi, qk_lo = _split_f32(float(scale) * _LOG2E)
     s_hi, s_lo = _split_f32(float(scale))
@@ -695,29 +633,29 @@ def nonlocal_attention_backward(
 
     # ---- D = rowsum(dO * O)
     delta = torch.empty(b, n, dtype=_acc_dtype(dtype), device=device)
-    _launch(
+    launch(
         _nla_bwd_preprocess_kernel, (triton.cdiv(n, cfg["BLOCK_PRE"]), b),
         (out, grad_out, delta, n, *out.stride(), *grad_out.stride()),
         dict(DV=dv, BLOCK_Q=cfg["BLOCK_PRE"], BLOCK_DV=bdv, CDT=cdt, INT64=int64, num_warps=4),
-        dtype, device,
+        "nonlocal_attention", dtype, device,
     )
     head = (q, k, v, grad_out, lse, delta)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride())
 
     # ---- dK, dV: one program per key block
     if m > 0:
-        _launch(
+        launch(
             _nla_bwd_dkdv_kernel, (triton.cdiv(m, cfg["BLOCK_KV"]), b),
             (*head, grad_k, grad_v, n, m, *strides, *grad_k.stride(), *grad_v.stride(), qk_hi, qk_lo, s_hi, s_lo),
             dict(common, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_KV=cfg["BLOCK_KV"]),
-            dtype, device,
+            "nonlocal_attention", dtype, device,
         )
 
     # ---- dQ: one program per query block (m = 0: the loop is empty, dQ = 0)
-    _launch(
+    launch(
         _nla_bwd_dq_kernel, (triton.cdiv(n, cfg["BLOCK_Q_DQ"]), b),
         (*head, grad_q, n, m, *strides, *grad_q.stride(), qk_hi, qk_lo, s_hi, s_lo),
         dict(common, BLOCK_Q=cfg["BLOCK_Q_DQ"], BLOCK_KV=cfg["BLOCK_KV_DQ"]),
-        dtype, device,
+        "nonlocal_attention", dtype, device,
     )
     return grad_q, grad_k, grad_v

@@ -1,0 +1,84 @@
+"""Host and JIT helpers shared by the Triton kernels of every op (one home, as Liger-Kernel's ops/utils.py).
+
+The public ops (megan_fast/ops/) check arguments, shapes and dtypes; the
+launchers here only assert what the kernels rely on (:func:`expect`), with a
+RuntimeError that Python's ``-O`` does not strip.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["INTERPRET", "dot", "expect", "launch", "num_sms", "numel_needs_int64", "runnable", "strided_needs_int64"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once: triton reads it at import too
+INT32_LIMIT = 2**31 - 1
+
+
+@triton.jit
+def dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b (acc may be None), accumulated in acc's type.  IEEE: exact fp32/fp64 products (no TF32)."""
+    if IEEE:
+        r = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        r = tl.dot(a, b, acc)
+    return r
+
+
+def expect(condition: bool, what: str) -> None:
+    """The launchers' assertion: raises RuntimeError(``what``) when a kernel's precondition does not hold."""
+    if not condition:
+        raise RuntimeError(f"megan_fast Triton kernels: {what}")
+
+
+def runnable(t: Tensor, op: str) -> None:
+    """Raises RuntimeError for CPU tensors without the interpreter (TRITON_INTERPRET=1 set before import)."""
+    if t.device.type == "cpu" and not INTERPRET:
+        raise RuntimeError(f"{op} (triton): CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 for anything else: the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def numel_needs_int64(*tensors: Tensor | None) -> bool:
+    """Whether a kernel that addresses whole tensors may form element offsets beyond int32 (more than 2^30
+    elements: half the range, a margin for offsets built from several terms)."""
+    return any(t is not None and t.numel() > INT32_LIMIT // 2 for t in tensors)
+
+
+def strided_needs_int64(*tensors: Tensor) -> bool:
+    """Whether some in-batch element offset (rows * row stride + ...) may exceed int32 (kernels that add the
+    batch offset in int64 themselves)."""
+    for t in tensors:
+        if sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]) if s > 0) > INT32_LIMIT:
+            return True
+    return False
+
+
+def launch(kernel, grid, args: tuple, meta: dict, op: str, dtype: torch.dtype, device: torch.device) -> None:
+    """``kernel[grid](*args, **meta)``; float64 on a GPU whose Triton has no fp64 ``tl.dot`` gives a TypeError
+    that says so (the CPU kernels cover float64)."""
+    try:
+        kernel[grid](*args, **meta)
+    except Exception as exc:  # noqa: BLE001 - re-raised with a clearer message
+        if dtype == torch.float64 and device.type == "cuda":
+            raise TypeError(
+                f"{op} (triton): float64 tl.dot is not supported by this Triton / GPU combination "
+                f"({type(exc).__name__}: {exc}); use float32, or the CPU backend for float64"
+            ) from exc
+        raise
