@@ -401,6 +401,38 @@ struct Scratch {
   }
 };
 
+// The aggregation, forward and backward: out[i][c] = sum_{j != i} W[i,j] X_j[c]
+// with W = A (forward: out = A E) or W = A^T (TRANSPOSED, backward: dE = A^T dO),
+// kCTile channels at a time (independent accumulators: a single one would be
+// FMA-latency bound).  A (P, P, BP), X and out (P, Cp, BP).
+template <typename T, int BP, bool TRANSPOSED>
+GA_INLINE void aggregate(const T* A, const T* X, T* out, int64_t P, int64_t Cp) {
+  using V = typename VecOf<T, BP>::type;
+  constexpr int CT = static_cast<int>(kCTile);
+  const V zero = {};
+  for (int64_t i = 0; i < P; ++i) {
+    for (int64_t c0 = 0; c0 < Cp; c0 += CT) {
+      V acc[CT];
+#pragma GCC unroll 16
+      for (int cc = 0; cc < CT; ++cc) acc[cc] = zero;
+      for (int64_t j = 0; j < P; ++j) {
+        if (j == i) continue;
+        V aw;
+        vld(aw, A + (TRANSPOSED ? j * P + i : i * P + j) * BP);
+        const T* Xj = X + (j * Cp + c0) * BP;
+#pragma GCC unroll 16
+        for (int cc = 0; cc < CT; ++cc) {
+          V x;
+          vld(x, Xj + cc * BP);
+          acc[cc] += aw * x;
+        }
+      }
+#pragma GCC unroll 16
+      for (int cc = 0; cc < CT; ++cc) vst(out + (i * Cp + c0 + cc) * BP, acc[cc]);
+    }
+  }
+}
+
 // Forward of one block: E (P, Cp, BP) -> O (P, Cp, BP) and A in S (P, P, BP);
 // d (Cp, BP) is scratch.
 template <typename T, int BP>
@@ -418,29 +450,7 @@ GA_INLINE void forward_block(const T* E, T* O, T* S, T* d, int64_t P, const Mlp<
     }
   }
   softmax_rows<T, BP>(S, P);  // S = A
-  // out[p][c] = sum_{q != p} A[p,q] E_q[c], kCTile channels at a time
-  // (independent accumulators: a single one would be FMA-latency bound).
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t c0 = 0; c0 < Cp; c0 += CT) {
-      V acc[CT];
-#pragma GCC unroll 16
-      for (int cc = 0; cc < CT; ++cc) acc[cc] = zero;
-      for (int64_t q = 0; q < P; ++q) {
-        if (q == p) continue;
-        V aw;
-        vld(aw, S + (p * P + q) * BP);
-        const T* Eq = E + (q * Cp + c0) * BP;
-#pragma GCC unroll 16
-        for (int cc = 0; cc < CT; ++cc) {
-          V e;
-          vld(e, Eq + cc * BP);
-          acc[cc] += aw * e;
-        }
-      }
-#pragma GCC unroll 16
-      for (int cc = 0; cc < CT; ++cc) vst(O + (p * Cp + c0 + cc) * BP, acc[cc]);
-    }
-  }
+  aggregate<T, BP, false>(S, E, O, P, Cp);  // out[p] = sum_{q != p} A[p,q] E_q
 }
 
 // Forward over the tiles [tile_begin, tile_end) (tile = (batch, pixel tile)).
@@ -563,27 +573,7 @@ GA_INLINE void backward_block(const T* E, const T* G, T* dE, int64_t P, const Ml
     }
   }
   // dE_q = sum_{p != q} A[p,q] dO_p   (the aggregation's direct term).
-  for (int64_t q = 0; q < P; ++q) {
-    for (int64_t c0 = 0; c0 < Cp; c0 += CT) {
-      V acc[CT];
-#pragma GCC unroll 16
-      for (int cc = 0; cc < CT; ++cc) acc[cc] = zero;
-      for (int64_t p = 0; p < P; ++p) {
-        if (p == q) continue;
-        V aw;
-        vld(aw, S + (p * P + q) * BP);
-        const T* Gp = G + (p * Cp + c0) * BP;
-#pragma GCC unroll 16
-        for (int cc = 0; cc < CT; ++cc) {
-          V g;
-          vld(g, Gp + cc * BP);
-          acc[cc] += aw * g;
-        }
-      }
-#pragma GCC unroll 16
-      for (int cc = 0; cc < CT; ++cc) vst(dE + (q * Cp + c0 + cc) * BP, acc[cc]);
-    }
-  }
+  aggregate<T, BP, true>(S, G, dE, P, Cp);
 
   // Pass 2: back through the MLP of every unordered pair.
   {

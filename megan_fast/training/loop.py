@@ -176,6 +176,46 @@ def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         be.copy_(bm)
 
 
+def _data(data_cfg: dict, seed: int, rank: int, world: int):
+    """(train set, validation set or None, sampler, per-process batch, batches per epoch); ConfigError if the
+    data cannot be opened or is too small."""
+    train_set = _dataset(data_cfg["train"], seed, True, "data.train")
+    val_set = _dataset(data_cfg["val"], 0, False, "data.val") if data_cfg.get("val") else None
+    batch = int(data_cfg["batch_size"]) // world
+    if batch < 1:
+        raise ConfigError(f"data.batch_size {data_cfg['batch_size']} is smaller than the {world} processes")
+    sampler = EpochSampler(len(train_set), seed, rank, world)
+    per_epoch = len(sampler) // batch
+    if per_epoch == 0:
+        raise ConfigError(f"the training set has {len(train_set)} items: fewer than one batch of {batch} per process")
+    return train_set, val_set, sampler, batch, per_epoch
+
+
+def _epoch_batches(train_set, sampler: EpochSampler, batch: int, epoch: int, pos: int, num_workers: int,
+                   dev: torch.device, seed: int):
+    """The batches of ``epoch`` from batch ``pos`` on (a resumed run starts mid-epoch), workers started."""
+    sampler.set_position(epoch, pos * batch)
+    if hasattr(train_set, "set_epoch"):
+        train_set.set_epoch(epoch)
+    # Its own generator: creating a loader must not consume the global RNG,
+    # or a resumed run would draw different memory frames than an uninterrupted one.
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True,
+                                         num_workers=num_workers, pin_memory=dev.type == "cuda",
+                                         worker_init_fn=_worker_init,
+                                         generator=torch.Generator().manual_seed(seed + epoch))
+    with outputs.signals_held():  # the workers start here (see signals_held)
+        return iter(loader)
+
+
+def _tensorboard(out_dir: str):
+    """A SummaryWriter into ``out_dir/tensorboard``, or None when TensorBoard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+
 def _missing_parents(path: str) -> list[str]:
     """The parent folders of ``path`` that do not exist yet, innermost first (a run creates them)."""
     made, parent = [], os.path.dirname(path)
@@ -205,15 +245,7 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
     out_dir = out.path
     ckpt_dir = os.path.join(out_dir, "checkpoints")
 
-    train_set = _dataset(data_cfg["train"], seed, True, "data.train")
-    val_set = _dataset(data_cfg["val"], 0, False, "data.val") if data_cfg.get("val") else None
-    batch = int(data_cfg["batch_size"]) // world
-    if batch < 1:
-        raise ConfigError(f"data.batch_size {data_cfg['batch_size']} is smaller than the {world} processes")
-    sampler = EpochSampler(len(train_set), seed, rank, world)
-    per_epoch = len(sampler) // batch
-    if per_epoch == 0:
-        raise ConfigError(f"the training set has {len(train_set)} items: fewer than one batch of {batch} per process")
+    train_set, val_set, sampler, batch, per_epoch = _data(data_cfg, seed, rank, world)
 
     model = MEGAN(dict(cfg["model"])).to(dev)
     _check_items(model.config, train_set, val_set)
@@ -243,31 +275,15 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
         if rank == 0:
             os.makedirs(ckpt_dir, exist_ok=True)
             write_config(out, cfg)
-            if log_cfg["tensorboard"]:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-                except ImportError:
-                    writer = None
+            writer = _tensorboard(out_dir) if log_cfg["tensorboard"] else None
         net = model
         if distributed:
             net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         bar = tqdm(total=total, initial=start_it, unit="it", desc=cfg["name"], disable=not progress or rank != 0)
         model.train()
         while it < end:
-            epoch, pos = divmod(it, per_epoch)
-            sampler.set_position(epoch, pos * batch)
-            if hasattr(train_set, "set_epoch"):
-                train_set.set_epoch(epoch)
-            # Its own generator: creating a loader must not consume the global RNG,
-            # or a resumed run would draw different memory frames than an uninterrupted one.
-            loader = torch.utils.data.DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True,
-                                                 num_workers=int(data_cfg["num_workers"]),
-                                                 pin_memory=dev.type == "cuda", worker_init_fn=_worker_init,
-                                                 generator=torch.Generator().manual_seed(seed + epoch))
-            with outputs.signals_held():  # the workers start here (see signals_held)
-                batches = iter(loader)
+            batches = _epoch_batches(train_set, sampler, batch, it // per_epoch, it % per_epoch,
+                                     int(data_cfg["num_workers"]), dev, seed)
             for item in batches:
                 outputs.raise_if_signalled()
                 lq, gt = item["lq"].to(dev, non_blocking=True), item["gt"].to(dev, non_blocking=True)
