@@ -146,8 +146,7 @@ def register_fused_op(
     fake_forward: Callable,
     fake_backward: Callable,
     make_autograd: Callable[[Callable], tuple[Callable, Callable]],
-    triton_launchers: tuple[Callable, Callable] | None,
-    triton_error: str | None,
+    triton: tuple[str, str, str],
 ) -> FusedOp:
     """Registers the CUDA (Triton), Meta, Autograd and Autocast kernels of op ``name`` and its backward.
 
@@ -156,9 +155,11 @@ def register_fused_op(
         fwd_schema, bwd_schema: argument/return part of the schemas, as in megan_ops.cpp.
         fake_forward, fake_backward: fake (meta) implementations.
         make_autograd: backward_op -> (setup_context, backward).
-        triton_launchers: the Triton (forward, backward) host launchers, or None
-            when Triton is not installed (``triton_error`` says why).
+        triton: (module in megan_fast.triton, forward launcher, backward launcher) names;
+            without Triton installed the op has no CUDA kernel (and says why).
     """
+    module, triton_error = import_triton_module(triton[0])
+    triton_launchers = (getattr(module, triton[1]), getattr(module, triton[2])) if module is not None else None
     fwd, bwd = f"megan_fast::{name}", f"megan_fast::{name}_backward"
     native = _ext.NATIVE_AVAILABLE and _has_cpu_kernel(fwd)
     if not hasattr(torch.ops.megan_fast, name):  # no C++ extension: the same schemas, from here

@@ -152,16 +152,9 @@ def _make_autograd(backward_op):
     return setup_context, backward
 
 
-_triton_dcn, _TRITON_ERROR = _library.import_triton_module("deform_conv")
 FUSED = _library.register_fused_op(
-    OP,
-    _FWD_SCHEMA,
-    _BWD_SCHEMA,
-    _fake_forward,
-    _fake_backward,
-    _make_autograd,
-    (_triton_dcn.deform_conv2d_forward, _triton_dcn.deform_conv2d_backward) if _triton_dcn else None,
-    _TRITON_ERROR,
+    OP, _FWD_SCHEMA, _BWD_SCHEMA, _fake_forward, _fake_backward, _make_autograd,
+    triton=("deform_conv", "deform_conv2d_forward", "deform_conv2d_backward"),
 )
 
 

@@ -94,16 +94,9 @@ def _make_autograd(backward_op):
     return setup_context, backward
 
 
-_triton_ga, _TRITON_ERROR = _library.import_triton_module("graph_aggregate")
 FUSED = _library.register_fused_op(
-    OP,
-    _FWD_SCHEMA,
-    _BWD_SCHEMA,
-    _fake_forward,
-    _fake_backward,
-    _make_autograd,
-    (_triton_ga.graph_aggregate_forward, _triton_ga.graph_aggregate_backward) if _triton_ga else None,
-    _TRITON_ERROR,
+    OP, _FWD_SCHEMA, _BWD_SCHEMA, _fake_forward, _fake_backward, _make_autograd,
+    triton=("graph_aggregate", "graph_aggregate_forward", "graph_aggregate_backward"),
 )
 
 

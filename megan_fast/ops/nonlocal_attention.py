@@ -90,16 +90,9 @@ def _make_autograd(backward_op):
     return setup_context, backward
 
 
-_triton_nla, _TRITON_ERROR = _library.import_triton_module("nonlocal_attention")
 FUSED = _library.register_fused_op(
-    OP,
-    _FWD_SCHEMA,
-    _BWD_SCHEMA,
-    _fake_forward,
-    _fake_backward,
-    _make_autograd,
-    (_triton_nla.nonlocal_attention_forward, _triton_nla.nonlocal_attention_backward) if _triton_nla else None,
-    _TRITON_ERROR,
+    OP, _FWD_SCHEMA, _BWD_SCHEMA, _fake_forward, _fake_backward, _make_autograd,
+    triton=("nonlocal_attention", "nonlocal_attention_forward", "nonlocal_attention_backward"),
 )
 
 
