@@ -26,7 +26,10 @@ from megan_fast.inference import run_window, window_starts
 from megan_fast.models.baseline import bicubic_blend
 
 
-__all__ = ["ClipScore", "bicubic_blend", "evaluate", "format_table", "predict_clip", "score_clip", "score_frames"]
+__all__ = [
+    "SAVED_FRAMES", "ClipScore", "bicubic_blend", "evaluate", "format_table", "predict_clip", "run_window",
+    "score_clip", "score_frames", "window_starts",
+]
 
 
 @dataclasses.dataclass

@@ -437,10 +437,7 @@ GA_INLINE void aggregate(const T* A, const T* X, T* out, int64_t P, int64_t Cp) 
 // d (Cp, BP) is scratch.
 template <typename T, int BP>
 GA_INLINE void forward_block(const T* E, T* O, T* S, T* d, int64_t P, const Mlp<T>& m) {
-  using V = typename VecOf<T, BP>::type;
-  constexpr int CT = static_cast<int>(kCTile);
   const int64_t Cp = m.Cp;
-  const V zero = {};
   // Scores: one MLP per unordered pair, mirrored.
   for (int64_t p = 0; p < P; ++p) {
     for (int64_t q = p + 1; q < P; ++q) {

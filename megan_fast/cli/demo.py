@@ -260,9 +260,8 @@ def run(args: argparse.Namespace) -> int:
     start_all = time.perf_counter()
     if args.frames % 2 == 0:
         raise UsageError(f"--frames must be odd and at least 3, got {args.frames}")
-    checkpoint = args.checkpoint or DEMO_CHECKPOINT
-    out = check_output(args.output, args.overwrite, inputs=[("--checkpoint", checkpoint)])
     checkpoint = _checkpoint(args)
+    out = check_output(args.output, args.overwrite, inputs=[("--checkpoint", checkpoint)])
 
     import torch
 

@@ -38,9 +38,14 @@ def expect(condition: bool, what: str) -> None:
 
 
 def runnable(t: Tensor, op: str) -> None:
-    """Raises RuntimeError for CPU tensors without the interpreter (TRITON_INTERPRET=1 set before import)."""
+    """Raises RuntimeError for CPU tensors without the interpreter (TRITON_INTERPRET=1 set before import), and
+    TypeError for float64 on a GPU (the kernels' GPU tiles are sized for 16- and 32-bit types; the C++ kernels
+    cover float64)."""
     if t.device.type == "cpu" and not INTERPRET:
         raise RuntimeError(f"{op} (triton): CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    if t.device.type != "cpu" and t.dtype == torch.float64:
+        raise TypeError(f"{op} (triton): float64 is not supported on the GPU; use float32, or the CPU kernels "
+                        "for float64")
 
 
 @functools.lru_cache(maxsize=None)

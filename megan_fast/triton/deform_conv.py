@@ -460,7 +460,7 @@ def _fwd_config(geo: dict, device: torch.device, dtype: torch.dtype) -> dict:
     # (expensive) sampling of a column tile is done once per pixel tile.  The sizes
     # and warp counts below compile without register spills for sm_90 (ptxas -v,
     # fp32 and fp16, chunks of 1, 8 and 32 channels); timed on an H100 in
-    # docs/PERFORMANCE.md ("modulated_deform_conv2d vs torchvision"), not tuned per shape.
+    # docs/PERFORMANCE.md ("Kernels vs their peers"), not tuned per shape.
     bn = _next_pow2_clamped(geo["Cog"], 16, 128)
     return dict(BLOCK_P=64, BLOCK_N=bn, BLOCK_K=32, num_warps=8, num_stages=2)
 

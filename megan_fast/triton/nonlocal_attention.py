@@ -527,7 +527,7 @@ def _head_block(d: int) -> int:
 # Block configurations.  CPU (interpreter): tiny tiles, so that the small test
 # problems span several blocks (online-softmax rescaling, tails) and numpy
 # temporaries stay small.  CUDA: chosen for MEGAN's head dim 32 and measured on
-# an H100 (docs/PERFORMANCE.md, "nonlocal_attention vs SDPA"); fp32 goes through
+# an H100 (docs/PERFORMANCE.md, "Kernels vs their peers"); fp32 goes through
 # exact (not TF32) fp32 products with smaller tiles.  float64 runs on CPU only
 # (the public op refuses it on GPUs).  No triton.autotune: its benchmarking
 # syncs the host on every new key and does not mix with CUDA-graph capture.
@@ -608,6 +608,7 @@ def nonlocal_attention_backward(
 
     The gradients have the dtype and (for dense inputs) the strides of q, k, v.
     """
+    _expect_shapes(q, k, v)
     runnable(q, "nonlocal_attention")
     b, n, d = q.shape
     m, dv = k.shape[1], v.shape[2]
