@@ -71,4 +71,10 @@ TORCH_LIBRARY(megan_fast, m) {
   m.def(
       "graph_aggregate_backward(Tensor grad_out, Tensor nodes, Tensor w1, Tensor b1, Tensor w2, "
       "float negative_slope) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // x2 bilinear upsampling (align_corners=False) times scale: input (n, c, h, w)
+  // -> (n, c, 2h, 2w) = scale * interpolate(input, scale_factor=2, mode="bilinear").
+  m.def("upsample_bilinear2x(Tensor input, float scale) -> Tensor");
+  // Returns grad_input (n, c, h, w) from grad_output (n, c, 2h, 2w).
+  m.def("upsample_bilinear2x_backward(Tensor grad_output, float scale) -> Tensor");
 }

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megan_fast.nn import DCNPack
+from megan_fast.ops.upsample import upsample_bilinear2x
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -15,10 +16,6 @@ def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 def lrelu(x: Tensor) -> Tensor:
     return F.leaky_relu(x, 0.1)
-
-
-def up2(x: Tensor) -> Tensor:
-    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
 class ResidualBlock(nn.Module):
@@ -61,7 +58,8 @@ class PyramidAlign(nn.Module):
     """One direction of PCD alignment: aligns pyramid ``a`` towards pyramid ``b``.
 
     Coarse to fine: offsets are predicted from cat(a, b) at each level, the
-    coarser level's offset features are upsampled x2 and doubled, and DCNPack
+    coarser level's offset features are upsampled x2 and doubled (one op,
+    :func:`megan_fast.ops.upsample_bilinear2x`), and DCNPack
     samples ``a``; aligned features are merged with the upsampled coarser result.
     """
 
@@ -92,9 +90,9 @@ class PyramidAlign(nn.Module):
         )
         for i, conv1, conv2, conv3, dcn, fea_conv in levels:
             new_offset = lrelu(conv1(torch.cat((a[i], b[i]), 1)))
-            new_offset = lrelu(conv2(torch.cat((new_offset, up2(offset) * 2), 1)))
+            new_offset = lrelu(conv2(torch.cat((new_offset, upsample_bilinear2x(offset, 2.0)), 1)))
             offset = lrelu(conv3(new_offset))
-            fea = fea_conv(torch.cat((dcn(a[i], offset), up2(fea)), 1))
+            fea = fea_conv(torch.cat((dcn(a[i], offset), upsample_bilinear2x(fea)), 1))
             if i == 1:  # level 2's features go through a leaky ReLU, level 1's (the output) do not
                 fea = lrelu(fea)
         return fea
@@ -131,6 +129,10 @@ class EasyPCD(nn.Module):
         levels = self.pyramid(torch.cat((f1, f2), 0))  # both pyramids in one batch
         return self.pcd(tuple(x[:b] for x in levels), tuple(x[b:] for x in levels))
 
+    def align(self, f1_levels: tuple[Tensor, Tensor, Tensor], f2: Tensor) -> Tensor:
+        """``forward(f1, f2)`` with f1's pyramid given (``self.pyramid(f1)``, computed once for many calls)."""
+        return self.pcd(f1_levels, self.pyramid(f2))
+
 
 class DeformableConvLSTM(nn.Module):
     """Bidirectional deformable ConvLSTM (Zooming Slow-Mo).
@@ -140,6 +142,11 @@ class DeformableConvLSTM(nn.Module):
     pyramid + PCD (``pcd_h``, ``pcd_c``); the cell is one 3x3 conv over
     cat(x, h) giving the gates i, f, o, g.  Each step's output is a 1x1 conv
     over [h_forward, h_backward].
+
+    Both directions share every weight, so they run as one batch of 2b
+    sequences (rows b.. are the reversed sequences): T sequential steps, not
+    2T.  The inputs' pyramids do not depend on the states, so they are built
+    for all steps in one call before the loop (docs/DESIGN.md section 3).
 
     Shape: (b, T, nf, h, w) -> (b, T, nf, h, w).
     """
@@ -152,26 +159,38 @@ class DeformableConvLSTM(nn.Module):
         self.cell = nn.Conv2d(2 * nf, 4 * nf, 3, 1, 1)
         self.fusion = nn.Conv2d(2 * nf, nf, 1)
 
-    def _run(self, frames: list[Tensor]) -> list[Tensor]:
-        h = torch.zeros_like(frames[0])  # zero states on the input's device and dtype
-        c = torch.zeros_like(frames[0])
-        outputs = []
-        for x in frames:
-            h = self.pcd_h(x, h)
-            c = self.pcd_c(x, c)
-            i, f, o, g = torch.split(self.cell(torch.cat((x, h), 1)), self.nf, dim=1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            outputs.append(h)
-        return outputs
+    def step(self, x_h: tuple[Tensor, Tensor, Tensor], x_c: tuple[Tensor, Tensor, Tensor],
+             h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """One step: input pyramids under ``pcd_h`` and ``pcd_c`` (level 1 is the input), states -> new states."""
+        h = self.pcd_h.align(x_h, h)
+        c = self.pcd_c.align(x_c, c)
+        ifo, g = self.cell(torch.cat((x_h[0], h), 1)).split((3 * self.nf, self.nf), 1)
+        i, f, o = torch.sigmoid(ifo).chunk(3, 1)
+        c = torch.addcmul(f * c, i, torch.tanh(g))
+        return o * torch.tanh(c), c
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, c, hh, ww = x.shape
-        frames = list(x.unbind(1))
-        forward = self._run(frames)
-        backward = self._run(frames[::-1])[::-1]
-        fused = self.fusion(torch.cat((torch.stack(forward, 1), torch.stack(backward, 1)), 2).reshape(b * t, 2 * c, hh, ww))
-        return fused.reshape(b, t, c, hh, ww)
+        # (T, 2b, ...): step s holds frame s of each sequence, then frame T-1-s of each (the reversed ones).
+        seq = torch.cat((x.transpose(0, 1), x.flip(1).transpose(0, 1)), 1)
+        steps = seq.unbind(0)
+
+        def pyramid_steps(pyramid: FeaturePyramid) -> list[tuple[Tensor, Tensor, Tensor]]:
+            _, l2, l3 = pyramid(seq.reshape(t * 2 * b, c, hh, ww))
+            return list(zip(steps, l2.reshape(t, 2 * b, *l2.shape[1:]).unbind(0),
+                            l3.reshape(t, 2 * b, *l3.shape[1:]).unbind(0)))
+
+        x_h, x_c = pyramid_steps(self.pcd_h.pyramid), pyramid_steps(self.pcd_c.pyramid)
+        h = torch.zeros_like(steps[0])  # zero states on the input's device and dtype
+        state = h
+        outputs = []
+        for s in range(t):
+            h, state = self.step(x_h[s], x_c[s], h, state)
+            outputs.append(h)
+        hs = torch.stack(outputs, 0)  # (T, 2b, c, hh, ww)
+        forward, backward = hs[:, :b], hs.flip(0)[:, b:]
+        fused = torch.cat((forward.transpose(0, 1), backward.transpose(0, 1)), 2)  # (b, T, 2c, hh, ww)
+        return self.fusion(fused.reshape(b * t, 2 * c, hh, ww)).reshape(b, t, c, hh, ww)
 
 
 class PFRDB(nn.Module):

@@ -180,9 +180,8 @@ class MEGAN(nn.Module):
         between = self.interpolation(first, second).reshape(b, n - 1, nf, hp, wp)
         # Sequence F1, I12, F2, I23, ..., Fn.
         t = 2 * n - 1
-        seq = torch.empty(b, t, nf, hp, wp, dtype=between.dtype, device=between.device)
-        seq[:, 0::2] = levels[0]
-        seq[:, 1::2] = between
+        pairs = torch.stack((levels[0][:, :-1], between), 2).reshape(b, t - 1, nf, hp, wp)  # F1, I12, ..., I(n-1)n
+        seq = torch.cat((pairs, levels[0][:, -1:]), 1)
 
         feats = self.convlstm(seq)
         feats = self.lmga(feats, memory_indices)

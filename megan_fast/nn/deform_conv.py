@@ -131,8 +131,9 @@ class DCNPack(ModulatedDeformConv2d):
         nn.init.zeros_(self.conv_offset.bias)
 
     def forward(self, x: Tensor, feat: Tensor) -> Tensor:  # type: ignore[override]
-        o1, o2, m = torch.chunk(self.conv_offset(feat), 3, dim=1)
-        offset = torch.cat((o1, o2), dim=1)
+        om = self.conv_offset(feat)
+        n = om.shape[1] // 3  # (o1, o2, m): offset = cat(o1, o2) is the first two thirds, taken as a view
+        offset, m = om.split((2 * n, n), 1)
         mask = torch.sigmoid(m)
         return modulated_deform_conv2d(
             x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
