@@ -119,6 +119,13 @@ def test_opcheck_native():
         torch.ops.megan_fast.nonlocal_attention_backward.default,
         (g, q.detach(), k.detach(), v.detach(), out, lse, 0.7),
     )
+    # transposed views, as the non-local block passes them: the fake kernel's strides must be the kernel's
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True) for t in (q, k, v))
+    torch.library.opcheck(torch.ops.megan_fast.nonlocal_attention.default, (qt, kt, vt, 0.7))
+    torch.library.opcheck(
+        torch.ops.megan_fast.nonlocal_attention_backward.default,
+        (g, qt.detach(), kt.detach(), vt.detach(), out, lse, 0.7),
+    )
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])

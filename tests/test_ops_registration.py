@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 import megan_fast
-from megan_fast.ops import _backend, _library, graph_aggregate, modulated_deform_conv2d, nonlocal_attention
+from megan_fast.ops import (
+    _backend, _library, graph_aggregate, modulated_deform_conv2d, nonlocal_attention, upsample_bilinear2x,
+)
 
-OPS = ("modulated_deform_conv2d", "nonlocal_attention", "graph_aggregate")
+OPS = ("modulated_deform_conv2d", "nonlocal_attention", "graph_aggregate", "upsample_bilinear2x")
 
 
 def test_the_cpp_extension_is_built_and_registers_every_cpu_kernel():
@@ -49,6 +51,10 @@ def test_direct_op_calls_under_autocast_behave_like_the_public_functions():
         out, _ = torch.ops.megan_fast.graph_aggregate(nodes.to(torch.bfloat16), w1, b1, w2, 0.2, False)
         public = graph_aggregate(nodes.to(torch.bfloat16), w1, b1, w2)
     torch.testing.assert_close(out, public, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.ops.megan_fast.upsample_bilinear2x(x.to(torch.bfloat16), 2.0)
+        public = upsample_bilinear2x(x.to(torch.bfloat16), 2.0)
+    torch.testing.assert_close(out, public, rtol=0, atol=0)
 
 
 def test_a_per_call_auto_rule_dispatches_and_is_described():
@@ -70,7 +76,7 @@ def test_a_per_call_auto_rule_dispatches_and_is_described():
 
 
 def test_every_cpu_code_path_is_honoured_and_correct():
-    """MEGAN_FAST_CPU_ISA caps the code path of all three C++ kernels (one dispatch, csrc/cpu/isa.h)."""
+    """MEGAN_FAST_CPU_ISA caps the code path of every C++ kernel (one dispatch, csrc/cpu/isa.h)."""
     import subprocess
     import sys
 
@@ -79,6 +85,7 @@ def test_every_cpu_code_path_is_honoured_and_correct():
     script = (
         "import torch\n"
         "from megan_fast.ops import graph_aggregate, modulated_deform_conv2d, nonlocal_attention, use_backend\n"
+        "from megan_fast.ops import upsample_bilinear2x\n"
         "torch.manual_seed(0)\n"
         "x, off, m, w = torch.randn(1, 8, 5, 6, dtype=torch.float64), torch.randn(1, 36, 5, 6, dtype=torch.float64), "
         "torch.rand(1, 18, 5, 6, dtype=torch.float64), torch.randn(4, 8, 3, 3, dtype=torch.float64)\n"
@@ -86,7 +93,7 @@ def test_every_cpu_code_path_is_honoured_and_correct():
         "nodes, w1, b1, w2 = torch.randn(1, 5, 64, 3, 5, dtype=torch.float64), torch.randn(16, 64, dtype=torch.float64), "
         "torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)\n"
         "calls = [lambda: modulated_deform_conv2d(x, off, w, padding=1, mask=m), lambda: nonlocal_attention(q, k, v), "
-        "lambda: graph_aggregate(nodes, w1, b1, w2)]\n"
+        "lambda: graph_aggregate(nodes, w1, b1, w2), lambda: upsample_bilinear2x(x, 2.0)]\n"
         "for f in calls:\n"
         "    with use_backend('native'):\n"
         "        a = f()\n"

@@ -157,7 +157,7 @@ class MEGAN(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, x: Tensor, memory_indices: list[int] | None = None) -> Tensor:
+    def forward(self, x: Tensor, memory_indices: list[int] | Tensor | None = None) -> Tensor:
         cfg = self.config
         if x.dim() != 5 or x.shape[1] != cfg.num_input_frames or x.shape[2] != 3:
             raise ValueError(

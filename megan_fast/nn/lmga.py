@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Sequence
 
 import torch
@@ -61,9 +62,11 @@ class LMGA(nn.Module):
 
     Memory frames: in training, ``tau`` indices of a random permutation of the
     T frames (drawn with replacement when T < tau) from the module's own
-    generator if ``seed`` is given, else from torch's global RNG; in eval,
-    ``round(linspace(0, T-1, tau))``.  ``forward(..., memory_indices=...)``
-    fixes them.
+    generator if ``seed`` is given, else from torch's global RNG
+    (:meth:`draw_memory_indices`); in eval, ``round(linspace(0, T-1, tau))``
+    computed on the host.  ``forward(..., memory_indices=...)`` fixes them: a
+    list of ints, or an int64 tensor (a device index, as a captured training
+    step passes it).
 
     Args:
         nf: feature channels.
@@ -105,30 +108,55 @@ class LMGA(nn.Module):
             self.generator = torch.Generator().manual_seed(seed)
 
     def memory_indices(self, num_frames: int) -> list[int]:
-        """The memory frame indices this forward pass uses for a sequence of ``num_frames``."""
+        """The memory frame indices a forward pass without ``memory_indices`` uses (a fresh draw in training)."""
         if num_frames < 1:
             raise ValueError(f"LMGA: the sequence must have at least one frame, got {num_frames}")
         if not self.training:
-            return [int(i) for i in torch.linspace(0, num_frames - 1, self.tau).round().long()]
-        if num_frames < self.tau:
-            idx = torch.randint(num_frames, (self.tau,), generator=self.generator)
-        else:
-            idx = torch.randperm(num_frames, generator=self.generator)[: self.tau]
-        return [int(i) for i in idx]
+            return self.eval_indices(num_frames, self.tau)
+        return self.draw_memory_indices(num_frames).tolist()
 
-    def forward(self, feats: Tensor, memory_indices: Sequence[int] | None = None) -> Tensor:
+    @staticmethod
+    def eval_indices(num_frames: int, tau: int) -> list[int]:
+        """``round(linspace(0, num_frames - 1, tau))`` in exact arithmetic (ties to even), host only."""
+        if tau == 1:
+            return [0]
+        return [round(Fraction(i * (num_frames - 1), tau - 1)) for i in range(tau)]
+
+    def draw_memory_indices(self, num_frames: int) -> Tensor:
+        """One training draw as a CPU int64 tensor of ``tau`` frame indices (no device work, no host sync).
+
+        ``tau`` of a random permutation of the frames (with replacement when
+        there are fewer than ``tau``), from the module's generator if it has a
+        seed, else from torch's global RNG.  A training loop that captures
+        its step (CUDA graphs, ``torch.compile``) draws here and passes the
+        tensor to ``forward``, so every replay gets fresh draws.
+        """
+        if num_frames < self.tau:
+            return torch.randint(num_frames, (self.tau,), generator=self.generator)
+        return torch.randperm(num_frames, generator=self.generator)[: self.tau]
+
+    def forward(self, feats: Tensor, memory_indices: Sequence[int] | Tensor | None = None) -> Tensor:
         if feats.dim() != 5 or feats.shape[2] != self.nf:
             raise ValueError(f"LMGA: feats must have shape (b, T, {self.nf}, h, w), got {tuple(feats.shape)}")
         b, t, c, h, w = feats.shape
-        if memory_indices is None:
-            memory_indices = self.memory_indices(t)
-        memory_indices = [int(i) for i in memory_indices]
-        if len(memory_indices) != self.tau or not all(-t <= i < t for i in memory_indices):
-            raise ValueError(
-                f"LMGA: memory_indices must be {self.tau} frame indices in [0, {t}), got {memory_indices}"
-            )
+        if memory_indices is None and self.training:
+            memory_indices = self.draw_memory_indices(t)
+        if isinstance(memory_indices, Tensor):
+            # Values are not checked here (that would wait for the device); index_select refuses out-of-range ones.
+            if memory_indices.shape != (self.tau,) or memory_indices.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"LMGA: memory_indices must be an int64 tensor of shape ({self.tau},), got "
+                                 f"{memory_indices.dtype} of shape {tuple(memory_indices.shape)}")
+            memory = feats.index_select(1, memory_indices.to(feats.device, non_blocking=True))
+        else:
+            if memory_indices is None:
+                memory_indices = self.eval_indices(t, self.tau)
+            memory_indices = [int(i) for i in memory_indices]
+            if len(memory_indices) != self.tau or not all(-t <= i < t for i in memory_indices):
+                raise ValueError(
+                    f"LMGA: memory_indices must be {self.tau} frame indices in [0, {t}), got {memory_indices}"
+                )
+            memory = torch.stack([feats[:, i] for i in memory_indices], 1)  # (b, tau, c, h, w)
         p = self.tau + 1
-        memory = feats[:, memory_indices]  # (b, tau, c, h, w)
         # Node j >= 1 of key frame t: N_g(cat(F_t, F_mem_j)), for all (t, j) at once.
         pairs = torch.cat(
             (feats.unsqueeze(2).expand(b, t, self.tau, c, h, w), memory.unsqueeze(1).expand(b, t, self.tau, c, h, w)),

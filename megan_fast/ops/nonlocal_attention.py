@@ -71,7 +71,8 @@ def _fake_forward(q, k, v, scale):
 
 
 def _fake_backward(grad_out, q, k, v, out, lse, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Contiguous, as both kernels return them (also for transposed q, k, v: torch.compile checks these strides).
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _make_autograd(backward_op):

@@ -606,16 +606,14 @@ def nonlocal_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_q, grad_k, grad_v) of :func:`nonlocal_attention_forward`, from its saved out and lse.
 
-    The gradients have the dtype and (for dense inputs) the strides of q, k, v.
+    The gradients are contiguous, in the dtype of q, k, v (as the C++ kernels' and the fake kernel's).
     """
     _expect_shapes(q, k, v)
     runnable(q, "nonlocal_attention")
     b, n, d = q.shape
     m, dv = k.shape[1], v.shape[2]
     device, dtype = q.device, q.dtype
-    grad_q = torch.empty_like(q)
-    grad_k = torch.empty_like(k)
-    grad_v = torch.empty_like(v)
+    grad_q, grad_k, grad_v = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     if b == 0:
         return grad_q, grad_k, grad_v
     if n == 0:  # no queries: nothing flows into k and v
