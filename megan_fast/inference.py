@@ -61,7 +61,8 @@ def _ramp(length: int, ramp: int, left: bool, right: bool, like: Tensor) -> Tens
     return w
 
 
-def run_window(model: MEGAN, window: Tensor, tile: int | None = None, tile_overlap: int = 16) -> Tensor:
+def run_window(model: MEGAN, window: Tensor, tile: int | None = None, tile_overlap: int = 16,
+               batch: int = 1, fixed_shape: bool = False) -> Tensor:
     """Runs the model on one window, in spatial tiles if ``tile`` is given.
 
     Args:
@@ -69,6 +70,10 @@ def run_window(model: MEGAN, window: Tensor, tile: int | None = None, tile_overl
         tile: tile size in input pixels (None or >= H and W: one tile).
         tile_overlap: overlap of neighbouring tiles in input pixels; the
             outputs are blended with linear ramps across the overlap.
+        batch: tiles per forward.
+        fixed_shape: pad the last, partial batch of tiles (repeating its last
+            tile) so that every forward has one shape: one compiled or graphed
+            model (:func:`compile_model`) then serves every call.
 
     Returns:
         (b, 2*n_in - 1, 3, 4H, 4W).
@@ -81,12 +86,17 @@ def run_window(model: MEGAN, window: Tensor, tile: int | None = None, tile_overl
     if not 0 <= tile_overlap < tile:
         raise ValueError(f"tile_overlap must be in [0, tile), got {tile_overlap} with tile={tile}")
     th, tw = min(tile, h), min(tile, w)
-    ys, xs = _tile_starts(h, th, tile_overlap), _tile_starts(w, tw, tile_overlap)
+    corners = [(y, x) for y in _tile_starts(h, th, tile_overlap) for x in _tile_starts(w, tw, tile_overlap)]
     out = None
     weight = None
-    for y in ys:
-        for x in xs:
-            piece = model(window[..., y : y + th, x : x + tw]).float()
+    for first in range(0, len(corners), batch):
+        chunk = corners[first : first + batch]
+        crops = [window[..., y : y + th, x : x + tw] for y, x in chunk]
+        if fixed_shape:
+            crops += crops[-1:] * (batch - len(crops))
+        pieces = model(torch.cat(crops, 0)).float()
+        for k, (y, x) in enumerate(chunk):
+            piece = pieces[k * b : (k + 1) * b]
             if out is None:
                 out = piece.new_zeros(b, piece.shape[1], c, 4 * h, 4 * w)
                 weight = piece.new_zeros(4 * h, 4 * w)
@@ -104,45 +114,84 @@ def iter_upscale(
     tile: int | None = None,
     tile_overlap: int = 16,
     device: torch.device | str | None = None,
+    batch: int = 1,
+    fixed_shape: bool = False,
 ) -> Iterator[Tensor]:
     """Streams output frames of a clip given as an iterable of (3, H, W) input frames.
 
-    Yields (3, 4H, 4W) frames in order, 2t - 1 of them, holding at most n_in
-    input frames at a time.  Raises ValueError if the clip has fewer than n_in
-    frames.
+    Yields (3, 4H, 4W) frames in order, 2t - 1 of them, holding at most
+    n_in + (batch - 1) * (n_in - 1) input frames at a time.  Raises
+    ValueError if the clip has fewer than n_in frames.
+
+    ``batch`` windows go through the model in one forward (with ``tile``:
+    ``batch`` tiles of one window).  The frames equal those of ``batch=1``
+    to float rounding: the convolution libraries pick another algorithm for
+    a batch of one (oneDNN on CPU: differences of about 1e-7), while every
+    batch of two or more gives identical frames.  ``fixed_shape`` pads the
+    last, partial batch so that every forward has one shape (for
+    :func:`compile_model`).
     """
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
     n_in = model.config.num_input_frames
     stride = n_in - 1
-    buffer: collections.deque[Tensor] = collections.deque(maxlen=n_in)
+    windows_per_call = 1 if tile is not None else batch
+    buffer: collections.deque[Tensor] = collections.deque(maxlen=n_in + (windows_per_call - 1) * stride)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     emitted = 0  # output frames yielded so far
     seen = 0
-    next_start = 0
+    pending: list[int] = []  # starts of complete windows not yet run
 
-    def run() -> Tensor:
-        window = torch.stack(list(buffer), 0).unsqueeze(0).to(device)
+    def run(starts: list[int]) -> Iterator[Tensor]:
+        nonlocal emitted
+        first = seen - len(buffer)  # input index of buffer[0]
+        frames_ = list(buffer)
+        padded = starts + starts[-1:] * (windows_per_call - len(starts)) if fixed_shape else starts
+        windows = torch.stack([torch.stack(frames_[s - first : s - first + n_in], 0) for s in padded], 0)
         with torch.no_grad():
-            return run_window(model, window, tile, tile_overlap)[0]
+            outs = run_window(model, windows.to(device), tile, tile_overlap, batch, fixed_shape)
+        for s, out in zip(starts, outs):
+            for j in range(out.shape[0]):
+                if 2 * s + j >= emitted:
+                    yield out[j]
+                    emitted += 1
 
+    next_start = 0
     for frame in frames:
         buffer.append(frame)
         seen += 1
-        if seen - 1 == next_start + n_in - 1:  # window [next_start, next_start + n_in) is complete
-            out = run()
-            for j in range(out.shape[0]):
-                if 2 * next_start + j >= emitted:
-                    yield out[j]
-                    emitted += 1
+        if seen == next_start + n_in:  # window [next_start, next_start + n_in) is complete
+            pending.append(next_start)
             next_start += stride
+            if len(pending) == windows_per_call:
+                yield from run(pending)
+                pending = []
     if seen < n_in:
         raise TooShortError(f"the clip has {seen} frames but the model needs at least {n_in}")
-    if emitted < 2 * seen - 1:  # last window, aligned to the end
-        start = seen - n_in
-        out = run()
-        for j in range(out.shape[0]):
-            if 2 * start + j >= emitted:
-                yield out[j]
-                emitted += 1
+    covered = 2 * pending[-1] + 2 * n_in - 1 if pending else emitted  # output frames made once pending runs
+    if covered < 2 * seen - 1:
+        pending.append(seen - n_in)  # the last window, aligned to the end
+    if pending:
+        yield from run(pending)
+
+
+COMPILE_MODES = ("none", "default", "reduce-overhead")
+
+
+def compile_model(model: MEGAN, mode: str = "reduce-overhead"):
+    """``torch.compile(model, mode=mode, fullgraph=True)`` for inference (``mode="none"``: the model itself).
+
+    The result keeps the model's attributes (``config``, ``parameters()``),
+    so it goes wherever a :class:`MEGAN` does here.  Every forward of one
+    shape reuses one compiled graph ("reduce-overhead": one CUDA graph on a
+    GPU); run with ``fixed_shape=True`` so that the last window or tile
+    batch has that shape too.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "none":
+        return model
+    return torch.compile(model, mode=mode, fullgraph=True)
 
 
 def upscale_frames(
@@ -151,6 +200,7 @@ def upscale_frames(
     tile: int | None = None,
     tile_overlap: int = 16,
     window: int | None = None,
+    batch: int = 1,
 ) -> Tensor:
     """Upscales a whole clip: (t, 3, H, W) -> (2t - 1, 3, 4H, 4W), every output frame exactly once.
 
@@ -162,6 +212,7 @@ def upscale_frames(
         tile_overlap: tile overlap in input pixels (blended linearly).
         window: output frames per temporal window; must be 2*n_in - 1 (the
             only size the model supports; default).
+        batch: windows (with ``tile``: tiles) per forward; same frames as 1.
 
     Returns:
         (2t - 1, 3, 4H, 4W) on ``frames``' device.
@@ -171,5 +222,5 @@ def upscale_frames(
         raise ValueError(f"window must be {2 * n_in - 1} output frames for a model with {n_in} input frames")
     if frames.dim() != 4 or frames.shape[1] != 3:
         raise ValueError(f"frames must have shape (t, 3, H, W), got {tuple(frames.shape)}")
-    outs = list(iter_upscale(model, frames.unbind(0), tile, tile_overlap))
+    outs = list(iter_upscale(model, frames.unbind(0), tile, tile_overlap, batch=batch))
     return torch.stack(outs, 0).to(frames.device)

@@ -205,6 +205,7 @@ def test_config_entries_are_typed_and_ranged_at_load(tmp_path):
         ("optim: {betas: [0.9]}\n" + root, "optim.betas must be a list of two numbers"),
         ("optim: {ema_decay: 1}\n" + root, r"optim.ema_decay must be in \[0, 1\)"),
         ("optim: {lr: .nan}\n" + root, "optim.lr must be positive"),
+        ("optim: {compile: max-autotune}\n" + root, "optim.compile must be none, default, reduce-overhead"),
         ("data: {batch_size: 0, train: {root: x}}", "data.batch_size must be >= 1"),
         ("data: {train: {root: x}, val: {type: folder, root: 3}}", "data.val.root must be a non-empty string"),
         ("data: {train: {type: photos, photos: chelsea}}", "data.train.photos must be a non-empty list"),
@@ -300,6 +301,21 @@ def test_eval_checks_its_outputs_first_and_writes_strict_json(tmp_path, capsys, 
     assert "pass --overwrite" in capsys.readouterr().err
     assert main([*args, "--json", str(out), "--save-frames", str(tmp_path / "frames"), "--overwrite"]) == 0
     assert sorted(os.listdir(tmp_path / "frames" / "a")) == [f"{i:05d}.png" for i in range(7)]
+
+
+def test_compiled_training_equals_eager_and_resumes_exactly(tmp_path, vimeo):
+    """optim.compile: the step as one torch.compile(fullgraph=True) graph (inductor on CPU)."""
+    eager = train(load_config(write_config(tmp_path / "e.yaml", vimeo, tmp_path / "eager")), device="cpu",
+                  progress=False)
+    full = load_config(write_config(tmp_path / "a.yaml", vimeo, tmp_path / "full", compile="default"))
+    split = load_config(write_config(tmp_path / "b.yaml", vimeo, tmp_path / "split", compile="default"))
+    r_full = train(full, device="cpu", progress=False)
+    train(split, device="cpu", progress=False, stop_at=2)
+    r_rest = train(split, resume=True, device="cpu", progress=False)
+    a, b, e = (torch.load(r.checkpoint, weights_only=True)["model"] for r in (r_full, r_rest, eager))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")  # exact resume
+        torch.testing.assert_close(a[key], e[key], rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
 
 
 def test_resume_from_the_runs_own_config(tmp_path, vimeo, capsys):

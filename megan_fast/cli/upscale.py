@@ -43,6 +43,12 @@ def add_parser(sub) -> None:
     p.add_argument("--tile", type=int_at_least(4), default=None,
                    help="spatial tile size in input pixels, >= 4 (saves memory)")
     p.add_argument("--tile-overlap", type=int_at_least(0), default=16, help="tile overlap in input pixels (default 16)")
+    p.add_argument("--batch", type=int_at_least(1), default=1,
+                   help="windows per forward (with --tile: tiles per forward), >= 1 (default 1); the frames equal "
+                   "those of --batch 1 to float rounding")
+    p.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead"),
+                   help="torch.compile the model (reduce-overhead: CUDA graphs on a GPU); every forward has one "
+                   "shape, so it compiles once (minutes on a CPU) (default none)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype on CUDA devices: bfloat16/float16 use autocast (a CPU runs float32)")
@@ -63,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from megan_fast import video
-    from megan_fast.inference import TooShortError, iter_upscale
+    from megan_fast.background import BackgroundWriter, prefetch
+    from megan_fast.inference import TooShortError, compile_model, iter_upscale
 
     src = args.input
     if not src or not src.strip():
@@ -113,18 +120,27 @@ def run(args: argparse.Namespace) -> int:
                                            time_base=info.time_base / 2, fmt=fmt, command="upscale")
             else:
                 writer = video.FrameFolderWriter(tmp)
+            # Decoding runs ahead of the model and encoding behind it, each in its own thread.
+            feed = prefetch(frames())
+            background = BackgroundWriter(writer.write)
             try:
-                for j, frame in enumerate(iter_upscale(model, frames(), tile=args.tile,
-                                                       tile_overlap=args.tile_overlap, device=device)):
+                net = compile_model(model, args.compile)
+                for j, frame in enumerate(iter_upscale(net, feed, tile=args.tile, tile_overlap=args.tile_overlap,
+                                                       device=device, batch=args.batch,
+                                                       fixed_shape=args.compile != "none")):
                     outputs.raise_if_signalled()
-                    writer.write(frame, _output_times(times, j))
+                    background.write(frame, _output_times(times, j))
                     bar.update(1)
+                background.close()
                 if fmt:
                     writer.close()
             except BaseException:
+                background.abort()
                 if fmt:
                     writer.abort()
                 raise
+            finally:
+                feed.close()
     except TooShortError as exc:  # fewer decodable frames than the model needs
         raise TooShortError(f"{src}: {exc}") from None
     except torch.OutOfMemoryError:

@@ -19,7 +19,11 @@ from megan_fast._checks import check_bool as _bool, check_float as _float, check
 from megan_fast.errors import ConfigError
 from megan_fast.models import MEGANConfig
 
-__all__ = ["DEFAULTS", "build_dataset", "load_config"]
+__all__ = ["COMPILE_MODES", "DEFAULTS", "build_dataset", "load_config"]
+
+# optim.compile: eager, or torch.compile(fullgraph=True) of the forward + backward in that mode
+# ("reduce-overhead" replays CUDA graphs on a GPU; docs/DESIGN.md section 5).
+COMPILE_MODES = ("none", "default", "reduce-overhead")
 
 
 _DATA_DEFAULTS = {"vimeo90k": {"root": None, "lq_root": None, "crop": 32, "augment": True},
@@ -47,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
         "charbonnier_eps": 1e-3,
         "ema_decay": 0.0,
         "autocast": "none",
+        "compile": "none",
     },
     "logging": {"print_every": 100, "val_every": 5000, "save_every": 5000, "keep_checkpoints": 3,
                 "tensorboard": True},
@@ -189,6 +194,8 @@ def _check_config(cfg: dict) -> None:
     _float("optim.ema_decay", optim["ema_decay"], 0, 1, hi_open=True)
     if optim["autocast"] not in ("none", "bfloat16", "float16"):
         raise ConfigError(f"optim.autocast must be none, bfloat16 or float16, got {optim['autocast']!r}")
+    if optim["compile"] not in COMPILE_MODES:
+        raise ConfigError(f"optim.compile must be {', '.join(COMPILE_MODES)}, got {optim['compile']!r}")
     for key in ("print_every", "val_every", "save_every"):
         _int(f"logging.{key}", log[key], 1)
     _int("logging.keep_checkpoints", log["keep_checkpoints"], 0)

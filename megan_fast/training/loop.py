@@ -279,6 +279,9 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
         net = model
         if distributed:
             net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if optim_cfg["compile"] != "none":
+            net = torch.compile(net, mode=optim_cfg["compile"], fullgraph=True)
+        num_frames = model.config.num_output_frames
         bar = tqdm(total=total, initial=start_it, unit="it", desc=cfg["name"], disable=not progress or rank != 0)
         model.train()
         while it < end:
@@ -287,15 +290,20 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
             for item in batches:
                 outputs.raise_if_signalled()
                 lq, gt = item["lq"].to(dev, non_blocking=True), item["gt"].to(dev, non_blocking=True)
+                # LMGA's memory frames are drawn here, on the host, and passed in as a device tensor: the
+                # same draws as an eager forward makes, and a captured step replays with fresh ones.
+                memory = model.lmga.draw_memory_indices(num_frames).to(dev, non_blocking=True)
                 with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                    loss = charbonnier(net(lq).float(), gt, optim_cfg["charbonnier_eps"])
+                    loss = charbonnier(net(lq, memory_indices=memory).float(), gt, optim_cfg["charbonnier_eps"])
                 _step(loss, model, optimizer, scheduler, scaler, optim_cfg["grad_clip"])
                 if ema is not None:
                     _update_ema(ema, model, optim_cfg["ema_decay"])
                 it += 1
-                last_loss = loss.item()
                 bar.update(1)
-                if rank == 0 and (it % log_cfg["print_every"] == 0 or it == total):
+                logging = rank == 0 and (it % log_cfg["print_every"] == 0 or it == total)
+                if logging or it == end:
+                    last_loss = loss.item()  # the only host sync of a step: on logging steps and the last
+                if logging:
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                     if writer is not None:
                         writer.add_scalar("train/loss", last_loss, it)
