@@ -14,6 +14,9 @@ Sections (each prints a markdown table for docs/PERFORMANCE.md):
   backends auto / triton / stock, float32 and bf16 autocast; frames/s.
 - training: a training step (forward + backward of the Charbonnier loss)
   at batch 2 and 16 of 32x32 crops, auto vs stock.
+- profile: torch.profiler tables of a training step (b = 16).
+- compiled: eager vs ``torch.compile(fullgraph=True)`` ("default" and
+  "reduce-overhead", CUDA graphs) of a training step and of inference.
 
 Every timing is the median of CUDA-event timings after warm-up
 (``triton.testing.do_bench``); peak memory is ``max_memory_allocated`` above
@@ -230,6 +233,34 @@ def training() -> None:
                       f"{benchmarking.cuda_peak_mib(step):.0f} |", flush=True)
 
 
+def compiled() -> None:
+    """The whole step as one graph: eager vs torch.compile(fullgraph=True) "default" and "reduce-overhead"
+    (CUDA graphs), training b = 16 and inference b = 1 and 4 windows, bf16 autocast, backend auto."""
+    from megan_fast.models import MEGAN
+
+    torch.manual_seed(0)
+    base = MEGAN().cuda()
+    print("\n### MEGAN compiled vs eager (bf16 autocast, backend auto)")
+    print("| pass | batch | mode | ms | frames/s or steps/s |\n|---|---|---|---|---|")
+    idx = torch.tensor([0, 2, 4, 6], device="cuda")  # a device index: what a captured training step passes
+    for mode in ("none", "default", "reduce-overhead"):
+        model = base if mode == "none" else torch.compile(base, mode=mode, fullgraph=True)
+        base.train()
+        x = torch.rand(16, 4, 3, 32, 32, device="cuda")
+        target = torch.rand(16, 7, 3, 128, 128, device="cuda")
+        step = benchmarking.model_step(model, "auto", x, train=True, target=target, autocast_dtype=torch.bfloat16,
+                                       memory_indices=idx)
+        ms = bench_ms(step, warmup=20, rep=200)
+        print(f"| training | 16 | {mode} | {ms:.1f} | {1e3 / ms:.2f} |", flush=True)
+        base.eval()
+        for batch in (1, 4):
+            x = torch.rand(batch, 4, 3, 144, 180, device="cuda")
+            step = benchmarking.model_step(model, "auto", x, train=False, autocast_dtype=torch.bfloat16)
+            ms = bench_ms(step, warmup=20, rep=200)
+            print(f"| inference 180x144 -> 720x576 | {batch} | {mode} | {ms:.1f} | {7 * batch / ms * 1e3:.1f} |",
+                  flush=True)
+
+
 def profile() -> None:
     """Where a training step's time goes: torch.profiler tables (CPU and CUDA), stock and auto."""
     from torch.profiler import ProfilerActivity
@@ -276,6 +307,7 @@ def main() -> int:
         ("training", training),
         ("model_check", model_check),
         ("profile", profile),
+        ("compiled", compiled),
     ]
     for name, fn in sections:
         if name not in parts:

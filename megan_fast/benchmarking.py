@@ -175,7 +175,7 @@ def graph_step(backend: str, inputs: tuple, backward: bool) -> Callable[[], None
 
 
 def model_step(model, backend: str, x, train: bool, target=None, autocast_dtype: torch.dtype | None = None,
-               memory_indices: list[int] | None = None) -> Callable[[], None]:
+               memory_indices: list[int] | torch.Tensor | None = None) -> Callable[[], None]:
     """One inference pass (no grad), or one training step's forward + backward (Charbonnier loss).
 
     ``autocast_dtype`` runs the model under ``torch.autocast`` of ``x``'s device

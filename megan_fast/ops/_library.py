@@ -50,6 +50,16 @@ def autocast_dtype(device_type: str) -> torch.dtype:
     return torch.float32 if device_type == "cpu" else torch.get_autocast_dtype(device_type)
 
 
+def check_dtype(fn: str, name: str, t: torch.Tensor, cpu: tuple, gpu: tuple) -> None:
+    """The public ops' dtype table: TypeError naming ``name`` unless its dtype runs on its device type."""
+    allowed = cpu if t.device.type == "cpu" else gpu
+    if t.dtype not in allowed:
+        raise TypeError(
+            f"{fn}: {name} dtype {t.dtype} is not supported on {t.device.type}; expected one of "
+            + ", ".join(str(d) for d in allowed)
+        )
+
+
 def _cast(args, dtype):
     return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 

@@ -59,12 +59,7 @@ def _check(input, offset, weight, bias, mask, stride, padding, dilation) -> None
             raise ValueError(f"{fn}: {name} must be 4-D, got shape {tuple(t.shape)}")
     if not input.is_floating_point():
         raise TypeError(f"{fn}: input must be a floating-point tensor, got {input.dtype}")
-    allowed = _CPU_DTYPES if input.device.type == "cpu" else _GPU_DTYPES
-    if input.dtype not in allowed:
-        raise TypeError(
-            f"{fn}: input dtype {input.dtype} is not supported on {input.device.type}; expected one of "
-            + ", ".join(str(d) for d in allowed)
-        )
+    _library.check_dtype(fn, "input", input, _CPU_DTYPES, _GPU_DTYPES)
     tensors = [("offset", offset), ("weight", weight), ("bias", bias), ("mask", mask)]
     for name, t in tensors:
         if t is None:

@@ -39,12 +39,7 @@ def _check(nodes, w1, b1, w2, negative_slope) -> None:
     b, p, c, h, w = nodes.shape
     if p < 2:
         raise ValueError(f"{fn}: nodes must have p >= 2 nodes (dim 1) to form a graph, got p = {p}")
-    allowed = _CPU_DTYPES if nodes.device.type == "cpu" else _GPU_DTYPES
-    if nodes.dtype not in allowed:
-        raise TypeError(
-            f"{fn}: nodes dtype {nodes.dtype} is not supported on {nodes.device.type}; expected one of "
-            + ", ".join(str(d) for d in allowed)
-        )
+    _library.check_dtype(fn, "nodes", nodes, _CPU_DTYPES, _GPU_DTYPES)
     if w1.dim() != 2 or w1.shape[1] != c or w1.shape[0] == 0:
         raise ValueError(f"{fn}: w1 must have shape (hd, {c}) with hd >= 1 (c from nodes), got {tuple(w1.shape)}")
     hd = w1.shape[0]

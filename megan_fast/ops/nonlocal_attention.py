@@ -36,12 +36,7 @@ def _check(q, k, v, scale) -> None:
             raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(f"{fn}: {name} must be 3-D ({'b, n, d' if name == 'q' else 'b, m, d' if name == 'k' else 'b, m, dv'}), got shape {tuple(t.shape)}")
-    allowed = _CPU_DTYPES if q.device.type == "cpu" else _GPU_DTYPES
-    if q.dtype not in allowed:
-        raise TypeError(
-            f"{fn}: q dtype {q.dtype} is not supported on {q.device.type}; expected one of "
-            + ", ".join(str(d) for d in allowed)
-        )
+    _library.check_dtype(fn, "q", q, _CPU_DTYPES, _GPU_DTYPES)
     for name, t in (("k", k), ("v", v)):
         if t.device != q.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but q is on {q.device}; expected the same device")

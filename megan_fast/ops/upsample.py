@@ -31,12 +31,7 @@ def _check(input, scale) -> None:
         raise ValueError(f"{fn}: input must be 4-D (n, c, h, w), got shape {tuple(input.shape)}")
     if input.shape[2] == 0 or input.shape[3] == 0:
         raise ValueError(f"{fn}: input must have h, w >= 1, got shape {tuple(input.shape)}")
-    allowed = _CPU_DTYPES if input.device.type == "cpu" else _GPU_DTYPES
-    if input.dtype not in allowed:
-        raise TypeError(
-            f"{fn}: input dtype {input.dtype} is not supported on {input.device.type}; expected one of "
-            + ", ".join(str(d) for d in allowed)
-        )
+    _library.check_dtype(fn, "input", input, _CPU_DTYPES, _GPU_DTYPES)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"{fn}: scale must be a Python float, got {type(scale).__name__}")
 

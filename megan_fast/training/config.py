@@ -22,7 +22,7 @@ from megan_fast.models import MEGANConfig
 __all__ = ["COMPILE_MODES", "DEFAULTS", "build_dataset", "load_config"]
 
 # optim.compile: eager, or torch.compile(fullgraph=True) of the forward + backward in that mode
-# ("reduce-overhead" replays CUDA graphs on a GPU; docs/DESIGN.md section 5).
+# ("reduce-overhead" replays CUDA graphs on a GPU; docs/DESIGN.md section 3).
 COMPILE_MODES = ("none", "default", "reduce-overhead")
 
 

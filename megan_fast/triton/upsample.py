@@ -38,12 +38,19 @@ def _weight(o, i, L):
 
 
 @triton.jit
-def _up_fwd_kernel(x_ptr, y_ptr, total, H, W, scale, CDT: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
+def _lanes(INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's BLOCK element offsets (int64 when the tensors are that large)."""
     pid = tl.program_id(0)
     if INT64:
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
+    return offs
+
+
+@triton.jit
+def _up_fwd_kernel(x_ptr, y_ptr, total, H, W, scale, CDT: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
+    offs = _lanes(INT64, BLOCK)
     ok = offs < total
     W2 = 2 * W
     ox = offs % W2
@@ -62,11 +69,7 @@ def _up_fwd_kernel(x_ptr, y_ptr, total, H, W, scale, CDT: tl.constexpr, INT64: t
 
 @triton.jit
 def _up_bwd_kernel(g_ptr, gx_ptr, total, H, W, scale, CDT: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    if INT64:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs = _lanes(INT64, BLOCK)
     ok = offs < total
     ix = offs % W
     iy = (offs // W) % H
