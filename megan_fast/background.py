@@ -5,17 +5,20 @@ through :class:`BackgroundWriter`, so the model runs while FFmpeg decodes the
 next frames and encodes the last ones (both release the GIL).  Queues are
 bounded (memory stays a few frames); an error in either thread is raised in
 the main thread at the next call; signals are handled by the main thread,
-which stops both threads on its way out.
+which stops both threads on its way out (a reader in the middle of a
+frame's decode is waited for, 10 s at the most; it is a daemon thread).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any, Callable, Iterable, Iterator
 
 _DONE = object()
 _POLL = 0.1  # seconds: how often a blocked thread looks whether it should stop
+_STOP_WAIT = 10.0  # seconds a closing prefetch waits for its thread (a frame being decoded), then leaves it
 
 
 def prefetch(items: Iterable[Any], size: int = 8) -> Iterator[Any]:
@@ -56,7 +59,8 @@ def prefetch(items: Iterable[Any], size: int = 8) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
+        deadline = time.monotonic() + _STOP_WAIT
+        while thread.is_alive() and time.monotonic() < deadline:  # unblock a producer waiting on a full queue
             try:
                 q.get_nowait()
             except queue.Empty:
@@ -68,8 +72,7 @@ class BackgroundWriter:
     """Calls ``write(*args)`` in a thread, in order, at most ``size`` calls behind the caller.
 
     :meth:`close` waits for every call and raises the first error of the
-    thread; :meth:`abort` drops what is queued and stops.  ``count`` is the
-    number of calls made so far.
+    thread; :meth:`abort` drops what is queued and stops.
     """
 
     def __init__(self, write: Callable[..., None], size: int = 8) -> None:
@@ -77,7 +80,6 @@ class BackgroundWriter:
         self._q: queue.Queue = queue.Queue(maxsize=size)
         self._error: BaseException | None = None
         self._stop = threading.Event()
-        self.count = 0
         self._thread = threading.Thread(target=self._run, name="megan-fast-writer", daemon=True)
         self._thread.start()
 
@@ -107,7 +109,6 @@ class BackgroundWriter:
                 if not self._thread.is_alive():
                     self._raise()
                     raise RuntimeError("the writer thread stopped")
-        self.count += 1
 
     def close(self) -> None:
         """Waits until every queued call is done; raises the thread's error, if any."""

@@ -61,6 +61,10 @@ def _ramp(length: int, ramp: int, left: bool, right: bool, like: Tensor) -> Tens
     return w
 
 
+def _tiled(tile: int | None, h: int, w: int) -> bool:
+    return tile is not None and (tile < h or tile < w)
+
+
 def run_window(model: MEGAN, window: Tensor, tile: int | None = None, tile_overlap: int = 16,
                batch: int = 1, fixed_shape: bool = False) -> Tensor:
     """Runs the model on one window, in spatial tiles if ``tile`` is given.
@@ -73,14 +77,17 @@ def run_window(model: MEGAN, window: Tensor, tile: int | None = None, tile_overl
         batch: tiles per forward.
         fixed_shape: pad the last, partial batch of tiles (repeating its last
             tile) so that every forward has one shape: one compiled or graphed
-            model (:func:`compile_model`) then serves every call.
+            model (:func:`compile_model`) then serves every call; the result
+            never aliases the model's output buffers.
 
     Returns:
         (b, 2*n_in - 1, 3, 4H, 4W).
     """
     b, n, c, h, w = window.shape
-    if tile is None or (tile >= h and tile >= w):
-        return model(window)
+    if not _tiled(tile, h, w):
+        out = model(window)
+        # A CUDA-graph replay (compile_model's "reduce-overhead") reuses its output buffers on the next call.
+        return out.clone() if fixed_shape else out
     if tile < 4:
         raise ValueError(f"tile must be at least 4 input pixels, got {tile}")
     if not 0 <= tile_overlap < tile:
@@ -123,21 +130,21 @@ def iter_upscale(
     n_in + (batch - 1) * (n_in - 1) input frames at a time.  Raises
     ValueError if the clip has fewer than n_in frames.
 
-    ``batch`` windows go through the model in one forward (with ``tile``:
-    ``batch`` tiles of one window).  The frames equal those of ``batch=1``
-    to float rounding: the convolution libraries pick another algorithm for
-    a batch of one (oneDNN on CPU: differences of about 1e-7), while every
-    batch of two or more gives identical frames.  ``fixed_shape`` pads the
-    last, partial batch so that every forward has one shape (for
-    :func:`compile_model`).
+    ``batch`` windows go through the model in one forward (with a ``tile``
+    smaller than the frames: ``batch`` tiles of one window).  The frames
+    equal those of ``batch=1`` to float rounding: the convolution libraries
+    pick another algorithm for a batch of one (oneDNN on CPU: differences of
+    about 1e-7).  ``fixed_shape`` pads the last, partial batch so that every
+    forward has one shape (for :func:`compile_model`); then every ``batch``
+    of two or more gives identical frames.
     """
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
     n_in = model.config.num_input_frames
     stride = n_in - 1
-    windows_per_call = 1 if tile is not None else batch
-    buffer: collections.deque[Tensor] = collections.deque(maxlen=n_in + (windows_per_call - 1) * stride)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    windows_per_call = batch  # set from the first frame: 1 when the frames are cut into tiles
+    buffer: collections.deque[Tensor] = collections.deque()
     emitted = 0  # output frames yielded so far
     seen = 0
     pending: list[int] = []  # starts of complete windows not yet run
@@ -158,6 +165,9 @@ def iter_upscale(
 
     next_start = 0
     for frame in frames:
+        if seen == 0:
+            windows_per_call = 1 if _tiled(tile, frame.shape[-2], frame.shape[-1]) else batch
+            buffer = collections.deque(maxlen=n_in + (windows_per_call - 1) * stride)
         buffer.append(frame)
         seen += 1
         if seen == next_start + n_in:  # window [next_start, next_start + n_in) is complete
@@ -179,7 +189,7 @@ COMPILE_MODES = ("none", "default", "reduce-overhead")
 
 
 def compile_model(model: MEGAN, mode: str = "reduce-overhead"):
-    """``torch.compile(model, mode=mode, fullgraph=True)`` for inference (``mode="none"``: the model itself).
+    """``torch.compile(model, mode=mode, fullgraph=True, dynamic=False)`` for inference (``"none"``: the model).
 
     The result keeps the model's attributes (``config``, ``parameters()``),
     so it goes wherever a :class:`MEGAN` does here.  Every forward of one
@@ -191,7 +201,7 @@ def compile_model(model: MEGAN, mode: str = "reduce-overhead"):
         raise ValueError(f"mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if mode == "none":
         return model
-    return torch.compile(model, mode=mode, fullgraph=True)
+    return torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
 
 
 def upscale_frames(

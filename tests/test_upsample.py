@@ -100,3 +100,15 @@ def test_errors_name_the_argument():
         upsample_bilinear2x(torch.zeros(1, 1, 2, 2, dtype=torch.int64))
     with pytest.raises(TypeError, match="scale must be a Python float"):
         upsample_bilinear2x(torch.zeros(1, 1, 2, 2), torch.tensor(2.0))
+
+
+def test_second_order_gradients_match_interpolate():
+    x = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, 2, 6, 8, dtype=torch.float64)
+    with use_backend("native"):
+        (g,) = torch.autograd.grad((upsample_bilinear2x(x, 2.0) * w).square().sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), x)
+    (g_ref,) = torch.autograd.grad((expected(x, 2.0) * w).square().sum(), x, create_graph=True)
+    (gg_ref,) = torch.autograd.grad(g_ref.square().sum(), x)
+    torch.testing.assert_close(gg, gg_ref)
+    assert torch.autograd.gradgradcheck(lambda t: upsample_bilinear2x(t, 2.0), (x,))

@@ -26,6 +26,7 @@ FRAMES_KIND = outputs.Kind("folder of PNG frames", folder=True, entries=FrameFol
 
 
 def add_parser(sub) -> None:
+    from megan_fast.inference import COMPILE_MODES
     from megan_fast.video import VIDEO_OUTPUTS
 
     p = sub.add_parser(
@@ -46,7 +47,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=int_at_least(1), default=1,
                    help="windows per forward (with --tile: tiles per forward), >= 1 (default 1); the frames equal "
                    "those of --batch 1 to float rounding")
-    p.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead"),
+    p.add_argument("--compile", default="none", choices=COMPILE_MODES,
                    help="torch.compile the model (reduce-overhead: CUDA graphs on a GPU); every forward has one "
                    "shape, so it compiles once (minutes on a CPU) (default none)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")

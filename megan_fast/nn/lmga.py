@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -64,7 +64,7 @@ class LMGA(nn.Module):
     T frames (drawn with replacement when T < tau) from the module's own
     generator if ``seed`` is given, else from torch's global RNG
     (:meth:`draw_memory_indices`); in eval, ``round(linspace(0, T-1, tau))``
-    computed on the host.  ``forward(..., memory_indices=...)`` fixes them: a
+    computed on the host (:meth:`eval_indices`).  ``forward(..., memory_indices=...)`` fixes them: a
     list of ints, or an int64 tensor (a device index, as a captured training
     step passes it).
 
@@ -117,10 +117,19 @@ class LMGA(nn.Module):
 
     @staticmethod
     def eval_indices(num_frames: int, tau: int) -> list[int]:
-        """``round(linspace(0, num_frames - 1, tau))`` in exact arithmetic (ties to even), host only."""
+        """``torch.linspace(0, num_frames - 1, tau).round()`` computed on the host, as torch computes it.
+
+        torch's CPU linspace works in float32 (from the start for the first
+        half, back from the end for the second half); numpy's float32
+        arithmetic gives the same values, and ``rint`` the same ties to even,
+        without a tensor op (no host sync, nothing for a graph to capture).
+        """
         if tau == 1:
             return [0]
-        return [round(Fraction(i * (num_frames - 1), tau - 1)) for i in range(tau)]
+        end = np.float32(num_frames - 1)
+        step = end / np.float32(tau - 1)
+        values = (step * np.float32(i) if i < tau // 2 else end - step * np.float32(tau - 1 - i) for i in range(tau))
+        return [int(np.rint(v)) for v in values]
 
     def draw_memory_indices(self, num_frames: int) -> Tensor:
         """One training draw as a CPU int64 tensor of ``tau`` frame indices (no device work, no host sync).
@@ -144,7 +153,8 @@ class LMGA(nn.Module):
         if isinstance(memory_indices, Tensor):
             # Values are not checked here (that would wait for the device); index_select refuses out-of-range ones.
             if memory_indices.shape != (self.tau,) or memory_indices.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"LMGA: memory_indices must be an int64 tensor of shape ({self.tau},), got "
+                raise ValueError(f"LMGA: memory_indices must be an int64 (or int32) tensor of shape ({self.tau},) with "
+                                 f"values in [0, T), got "
                                  f"{memory_indices.dtype} of shape {tuple(memory_indices.shape)}")
             memory = feats.index_select(1, memory_indices.to(feats.device, non_blocking=True))
         else:

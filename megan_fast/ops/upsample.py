@@ -61,6 +61,12 @@ FUSED = _library.register_fused_op(
     triton=("upsample", "upsample_bilinear2x_forward", "upsample_bilinear2x_backward"),
 )
 
+# The backward is linear in grad_output, its own gradient the forward: second-order gradients work.
+torch.library.register_autograd(
+    f"megan_fast::{OP}_backward", lambda ctx, gg: (FUSED.op(gg, ctx.scale), None),
+    setup_context=lambda ctx, inputs, output: setattr(ctx, "scale", inputs[1]), lib=_library.LIB,
+)
+
 _backend.register_op(
     OP,
     {"native": FUSED.op, "triton": {"cpu": FUSED.cpu_triton, "cuda": FUSED.op},
@@ -81,8 +87,9 @@ def upsample_bilinear2x(input: Tensor, scale: float = 1.0) -> Tensor:
     Returns:
         (n, c, 2h, 2w) in input's dtype; contiguous from the fused kernels (the stock op keeps channels-last).
 
-    The gradient flows to input; the backward gathers the at most 4 x 4 output
-    gradients of each input pixel (no atomics, deterministic).  dtypes:
+    The gradient flows to input (also second-order); the backward gathers the
+    at most 4 x 4 output gradients of each input pixel (no atomics,
+    deterministic).  dtypes:
     float32/float64 on CPU; float32/float16/bfloat16 on GPU (float32 arithmetic).
     """
     if isinstance(input, Tensor):

@@ -17,13 +17,11 @@ import yaml
 from megan_fast._checks import check_bool as _bool, check_float as _float, check_int as _int, \
     check_str as _str
 from megan_fast.errors import ConfigError
+from megan_fast.inference import COMPILE_MODES  # optim.compile: eager, or torch.compile in that mode
 from megan_fast.models import MEGANConfig
 
-__all__ = ["COMPILE_MODES", "DEFAULTS", "build_dataset", "load_config"]
+__all__ = ["DEFAULTS", "build_dataset", "load_config"]
 
-# optim.compile: eager, or torch.compile(fullgraph=True) of the forward + backward in that mode
-# ("reduce-overhead" replays CUDA graphs on a GPU; docs/DESIGN.md section 3).
-COMPILE_MODES = ("none", "default", "reduce-overhead")
 
 
 _DATA_DEFAULTS = {"vimeo90k": {"root": None, "lq_root": None, "crop": 32, "augment": True},

@@ -280,7 +280,8 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
         if distributed:
             net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         if optim_cfg["compile"] != "none":
-            net = torch.compile(net, mode=optim_cfg["compile"], fullgraph=True)
+            # Static shapes (drop_last keeps every batch one size): one graph, replayable as a CUDA graph.
+            net = torch.compile(net, mode=optim_cfg["compile"], fullgraph=True, dynamic=False)
         num_frames = model.config.num_output_frames
         bar = tqdm(total=total, initial=start_it, unit="it", desc=cfg["name"], disable=not progress or rank != 0)
         model.train()
@@ -302,7 +303,7 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
                 bar.update(1)
                 logging = rank == 0 and (it % log_cfg["print_every"] == 0 or it == total)
                 if logging or it == end:
-                    last_loss = loss.item()  # the only host sync of a step: on logging steps and the last
+                    last_loss = loss.item()  # the loop's own host sync: on logging steps and the last one
                 if logging:
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                     if writer is not None:
