@@ -17,6 +17,7 @@ Sections (each prints a markdown table for docs/PERFORMANCE.md):
 - profile: torch.profiler tables of a training step (b = 16).
 - compiled: eager vs ``torch.compile(fullgraph=True)`` ("default" and
   "reduce-overhead", CUDA graphs) of a training step and of inference.
+- zsm: the model table for Zooming Slow-Mo (``MEGANConfig.zooming_slowmo()``).
 
 Every timing is the median of CUDA-event timings after warm-up
 (``triton.testing.do_bench``); peak memory is ``max_memory_allocated`` above
@@ -183,12 +184,12 @@ def model_check() -> None:
           f"{out_err:.2e}, worst parameter-gradient rel. err {grad_err:.2e}")
 
 
-def model_inference() -> None:
-    from megan_fast.models import MEGAN
+def model_inference(arch: str = "megan") -> None:
+    from megan_fast.models import MEGAN, MEGANConfig
 
     torch.manual_seed(0)
-    model = MEGAN().cuda().eval()
-    print("\n### MEGAN inference, one window: 4 frames of 180x144 -> 7 frames of 720x576")
+    model = MEGAN(MEGANConfig.zooming_slowmo() if arch == "zooming_slowmo" else None).cuda().eval()
+    print(f"\n### {arch} inference, one window: 4 frames of 180x144 -> 7 frames of 720x576")
     print("| batch | precision | backend | ms / window | output frames/s | peak MiB |\n|---|---|---|---|---|---|")
     for batch in (1, 4):
         x = torch.rand(batch, 4, 3, 144, 180, device="cuda")
@@ -308,6 +309,7 @@ def main() -> int:
         ("model_check", model_check),
         ("profile", profile),
         ("compiled", compiled),
+        ("zsm", lambda: model_inference("zooming_slowmo")),
     ]
     for name, fn in sections:
         if name not in parts:

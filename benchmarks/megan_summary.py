@@ -1,6 +1,6 @@
 """Whole-model CPU figures in one run: inference and a training step, auto vs stock; FLOPs.
 
-    python benchmarks/megan_summary.py [--repeats N]
+    python benchmarks/megan_summary.py [--repeats N] [--arch megan|zooming_slowmo]
 
 Inference: one 4-frame window at 64x112 input (7 output frames of 256x448).
 Training: batch 2 of 32x32 LR crops, forward + backward of the Charbonnier loss.
@@ -17,7 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from megan_fast import benchmarking
-from megan_fast.models import MEGAN
+from megan_fast.models import MEGAN, MEGANConfig
 
 
 def timed(fn, repeats: int) -> float:
@@ -43,9 +43,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=("inference", "training", "flops"), default=None)
+    parser.add_argument("--arch", choices=("megan", "zooming_slowmo"), default="megan",
+                        help="the network: MEGAN (default) or Zooming Slow-Mo (MEGANConfig.zooming_slowmo())")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = MEGAN()
+    model = MEGAN(MEGANConfig.zooming_slowmo() if args.arch == "zooming_slowmo" else None)
+    print(f"architecture: {args.arch}, {sum(p.numel() for p in model.parameters()):,} parameters")
     print(f"threads: {torch.get_num_threads()}; median of {args.repeats} after one warm-up call")
     print("| workload | auto (s) | stock (s) | speed-up |\n|---|---|---|---|")
     x = torch.rand(1, 4, 3, 64, 112)

@@ -77,6 +77,11 @@ def is_ours(path: str) -> bool:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
             return isinstance(data, dict) and _marked(data.get("written_by"))
+        if ext == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:  # the header only
+                return _marked((f.metadata() or {}).get("written_by"))
         if ext in (".yaml", ".yml"):
             with open(path, encoding="utf-8") as f:
                 first = f.readline()

@@ -78,15 +78,22 @@ def compute_dtype(device, name: str):
     return dtype
 
 
-def load_model(checkpoint: str, device, arg: str = "--checkpoint"):
-    """The MEGAN of a checkpoint folder, on ``device``, in eval mode; errors name the argument and file."""
-    from megan_fast.errors import CheckpointError
-    from megan_fast.models import MEGAN
+CHECKPOINT_HELP = ("model folder (config.json + model.safetensors) or an official Zooming Slow-Mo .pth file "
+                   "(read with weights_only=True)")
 
+
+def load_model(checkpoint: str, device, arg: str = "--checkpoint"):
+    """The model of a checkpoint folder or official ``.pth`` file (:func:`megan_fast.models.load_model`), on
+    ``device``, in eval mode; errors name the argument and file."""
+    from megan_fast.errors import CheckpointError
+    from megan_fast.models import load_model as load
+
+    if not checkpoint or not checkpoint.strip():
+        raise UsageError(f"{arg} is empty; give a model folder or a .pth file")
     try:
-        return MEGAN.from_pretrained(checkpoint).to(device).eval()
+        return load(checkpoint, map_location=device)
     except CheckpointError as exc:
-        raise CheckpointError(f"{arg}: {exc}") from None
+        raise type(exc)(f"{arg}: {exc}") from None
 
 
 def finite_float(text: str) -> float:

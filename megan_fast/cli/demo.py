@@ -52,7 +52,7 @@ def add_parser(sub) -> None:
         "and metrics.json into --output, and times one forward pass with the fused kernels against the "
         "stock implementation (torchvision deform_conv2d, SDPA, plain graph aggregation).",
     )
-    p.add_argument("--checkpoint", default=None, help="model folder (config.json + model.safetensors); "
+    p.add_argument("--checkpoint", default=None, help=f"{_common.CHECKPOINT_HELP}; "
                    f"default: the bundled demo checkpoint ({DEMO_CHECKPOINT})")
     p.add_argument("--output", default="megan_demo", help="output folder (default: megan_demo)")
     p.add_argument("--overwrite", action="store_true",
@@ -201,8 +201,10 @@ def format_table(scores: dict) -> str:
 
 
 def _checkpoint(args: argparse.Namespace) -> str:
-    """The checkpoint folder to use; raises UsageError if its files are missing."""
+    """The checkpoint folder (or .pth file) to use; raises UsageError if a folder's files are missing."""
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
+    if args.checkpoint is not None and os.path.isfile(checkpoint):
+        return checkpoint  # an official .pth file: load_model checks it
     missing = [n for n in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(checkpoint, n))]
     if missing:
         what = "the bundled demo checkpoint" if args.checkpoint is None else "--checkpoint"

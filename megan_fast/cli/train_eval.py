@@ -35,7 +35,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("eval", help="score a checkpoint with the papers' protocol (Y-channel PSNR/SSIM)",
                        description="Windows of 7 frames (stride 6, last aligned to the end), inputs = the "
                        "window's odd frames, outputs rounded to uint8, Y channel (BT.601), every frame scored once.")
-    p.add_argument("--checkpoint", required=True, help="model folder (config.json + model.safetensors)")
+    p.add_argument("--checkpoint", required=True, help=_common.CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help="folder of clip folders (Vid4/Adobe style) or a Vimeo-90K root")
     p.add_argument("--lq", default=None, help="pre-made LR frames (same layout); default: MATLAB bicubic x4")
     p.add_argument("--split", default="test", help="Vimeo-90K list: test, fast, medium or slow")
@@ -119,7 +119,9 @@ def _clip_source(args: argparse.Namespace):
 def _eval(args: argparse.Namespace) -> int:
     from megan_fast.evaluation import evaluate, format_table
 
-    for label, path in (("--checkpoint", args.checkpoint), ("--data", args.data), ("--lq", args.lq)):
+    if not os.path.exists(args.checkpoint):
+        raise InputError(f"--checkpoint {args.checkpoint!r}: no such folder or file")
+    for label, path in (("--data", args.data), ("--lq", args.lq)):
         if path is not None and not os.path.isdir(path):
             raise InputError(f"{label} {path!r} is not a folder")
     inputs = [("--checkpoint", args.checkpoint), ("--data", args.data), ("--lq", args.lq)]

@@ -39,8 +39,8 @@ def add_parser(sub) -> None:
     )
     p.add_argument("input", help="video file or folder of frames")
     p.add_argument("output", help=f"output video ({', '.join(VIDEO_OUTPUTS)}) or folder for PNG frames")
-    p.add_argument("--checkpoint", default=None, help="model folder (config.json + model.safetensors); "
-                   "default: the bundled demo checkpoint")
+    p.add_argument("--checkpoint", default=None, help=f"{_common.CHECKPOINT_HELP}; default: the bundled "
+                   "demo checkpoint")
     p.add_argument("--tile", type=int_at_least(4), default=None,
                    help="spatial tile size in input pixels, >= 4 (saves memory)")
     p.add_argument("--tile-overlap", type=int_at_least(0), default=16, help="tile overlap in input pixels (default 16)")

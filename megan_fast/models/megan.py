@@ -48,12 +48,34 @@ class MEGANConfig:
     graph_slope: float = 0.2
     memory_seed: int | None = None
     global_skip: bool = False
+    nonlocal_blocks: bool = True
+    lmga: bool = True
+    pad_mode: str = "replicate"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _FIELD_CHECKS[f.name](f"MEGAN: {f.name}", getattr(self, f.name))
         if self.nf % self.deformable_groups != 0:
             raise ConfigError(f"MEGAN: nf ({self.nf}) must be divisible by deformable_groups ({self.deformable_groups})")
+
+    @classmethod
+    def zooming_slowmo(cls, **overrides: Any) -> "MEGANConfig":
+        """Zooming Slow-Mo (Xiang et al., CVPR 2020), MEGAN's backbone, as a config of this family.
+
+        No non-local blocks, no LMGA, no progressive fusion, 40 reconstruction
+        blocks, zero padding to a multiple of 4 (the official test script's):
+        11,102,771 parameters, the official checkpoint's (docs/DESIGN.md
+        section 3).  Without progressive fusion the model takes any number of
+        input frames >= 2; ``num_input_frames`` is the window the inference
+        and evaluation tools use.
+        """
+        return cls(**{**PRESETS["zooming_slowmo"], **overrides})
+
+    @property
+    def any_num_frames(self) -> bool:
+        """Whether the network takes any number of input frames >= 2 (no progressive fusion, whose 1x1 conv is
+        sized for 2 * num_input_frames - 1 frames)."""
+        return self.num_pfrdb == 0
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "MEGAN config") -> "MEGANConfig":
@@ -74,6 +96,19 @@ class MEGANConfig:
         return 2 * self.num_input_frames - 1
 
 
+# Named configs of the family: MEGAN (the defaults) and Zooming Slow-Mo.
+PRESETS: dict[str, dict[str, Any]] = {
+    "megan": {},
+    "zooming_slowmo": {"nonlocal_blocks": False, "lmga": False, "num_pfrdb": 0, "back_blocks": 40,
+                       "pad_mode": "zeros"},
+}
+
+
+def _pad_mode(where: str, value: Any) -> None:
+    if value not in ("replicate", "zeros"):
+        raise ConfigError(f"{where} must be 'replicate' or 'zeros', got {value!r}")
+
+
 # Every field's check (MEGANConfig.__post_init__); messages start with "MEGAN: ", which from_dict replaces.
 _FIELD_CHECKS: dict[str, Any] = {
     "num_input_frames": lambda w, v: check_int(w, v, 2), "nf": lambda w, v: check_int(w, v, 1),
@@ -83,23 +118,32 @@ _FIELD_CHECKS: dict[str, Any] = {
     "tau": lambda w, v: check_int(w, v, 1), "graph_layers": lambda w, v: check_int(w, v, 0),
     "graph_hidden": lambda w, v: check_int(w, v, 1), "graph_slope": check_float,
     "memory_seed": lambda w, v: None if v is None else check_int(w, v, 0), "global_skip": check_bool,
+    "nonlocal_blocks": check_bool, "lmga": check_bool, "pad_mode": _pad_mode,
 }
 
 
 class FeatureExtractor(nn.Module):
-    """conv_first + lrelu, non-local block, residual blocks, non-local block, 3-level pyramid."""
+    """conv_first + lrelu, non-local block, residual blocks, non-local block, 3-level pyramid.
+
+    ``nonlocal_blocks=False`` (Zooming Slow-Mo): no non-local blocks.
+    """
 
     def __init__(self, cfg: MEGANConfig) -> None:
         super().__init__()
         nf = cfg.nf
         self.conv_first = nn.Conv2d(3, nf, 3, 1, 1)
-        self.nonlocal_in = NonLocalBlock(nf, cfg.nonlocal_inner, cfg.nonlocal_scale)
+        self.nonlocal_in = NonLocalBlock(nf, cfg.nonlocal_inner, cfg.nonlocal_scale) if cfg.nonlocal_blocks else None
         self.trunk = make_residual_trunk(nf, cfg.front_blocks)
-        self.nonlocal_out = NonLocalBlock(nf, cfg.nonlocal_inner, cfg.nonlocal_scale)
+        self.nonlocal_out = NonLocalBlock(nf, cfg.nonlocal_inner, cfg.nonlocal_scale) if cfg.nonlocal_blocks else None
         self.pyramid = FeaturePyramid(nf)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = self.nonlocal_out(self.trunk(self.nonlocal_in(lrelu(self.conv_first(x)))))
+        x = lrelu(self.conv_first(x))
+        if self.nonlocal_in is not None:
+            x = self.nonlocal_in(x)
+        x = self.trunk(x)
+        if self.nonlocal_out is not None:
+            x = self.nonlocal_out(x)
         return self.pyramid(x)
 
 
@@ -121,6 +165,11 @@ class MEGAN(nn.Module):
         to a multiple of 4 inside, cropped back).  Output frame 2i re-makes
         input frame i; frame 2i+1 lies between inputs i and i+1.
 
+    The same class builds Zooming Slow-Mo, MEGAN's backbone:
+    ``MEGAN(MEGANConfig.zooming_slowmo())`` (no non-local blocks, LMGA or
+    progressive fusion; any number of input frames >= 2), which
+    :func:`megan_fast.models.load_model` fills with the official weights.
+
     ``MEGANConfig(global_skip=True)`` (not in the paper; off by default) adds
     the evaluation baseline (:func:`megan_fast.models.baseline.bicubic_blend`:
     bicubic x4, in-between frames blended) to the output and zero-initialises
@@ -140,7 +189,8 @@ class MEGAN(nn.Module):
         self.features = FeatureExtractor(cfg)
         self.interpolation = PCDAlign(nf, cfg.deformable_groups)
         self.convlstm = DeformableConvLSTM(nf, cfg.deformable_groups)
-        self.lmga = LMGA(nf, cfg.tau, cfg.graph_layers, cfg.graph_hidden, cfg.graph_slope, seed=cfg.memory_seed)
+        self.lmga = (LMGA(nf, cfg.tau, cfg.graph_layers, cfg.graph_hidden, cfg.graph_slope, seed=cfg.memory_seed)
+                     if cfg.lmga else None)
         self.pfrdbs = nn.ModuleList(PFRDB(nf, t_out) for _ in range(cfg.num_pfrdb))
         self.reconstruction = Reconstruction(nf, cfg.back_blocks)
         if cfg.global_skip:
@@ -159,15 +209,15 @@ class MEGAN(nn.Module):
 
     def forward(self, x: Tensor, memory_indices: list[int] | Tensor | None = None) -> Tensor:
         cfg = self.config
-        if x.dim() != 5 or x.shape[1] != cfg.num_input_frames or x.shape[2] != 3:
-            raise ValueError(
-                f"MEGAN: input must have shape (b, {cfg.num_input_frames}, 3, H, W), got {tuple(x.shape)}"
-            )
+        frames_ok = x.dim() == 5 and (x.shape[1] >= 2 if cfg.any_num_frames else x.shape[1] == cfg.num_input_frames)
+        if not frames_ok or x.shape[2] != 3:
+            n_in = "n >= 2" if cfg.any_num_frames else cfg.num_input_frames
+            raise ValueError(f"MEGAN: input must have shape (b, {n_in}, 3, H, W), got {tuple(x.shape)}")
         b, n, _, h, w = x.shape
         pad_h, pad_w = (-h) % 4, (-w) % 4
         frames = x.reshape(b * n, 3, h, w)
         if pad_h or pad_w:
-            frames = F.pad(frames, (0, pad_w, 0, pad_h), mode="replicate")
+            frames = F.pad(frames, (0, pad_w, 0, pad_h), mode="replicate" if cfg.pad_mode == "replicate" else "constant")
         hp, wp = h + pad_h, w + pad_w
         nf = cfg.nf
 
@@ -184,7 +234,8 @@ class MEGAN(nn.Module):
         seq = torch.cat((pairs, levels[0][:, -1:]), 1)
 
         feats = self.convlstm(seq)
-        feats = self.lmga(feats, memory_indices)
+        if self.lmga is not None:
+            feats = self.lmga(feats, memory_indices)
         for block in self.pfrdbs:
             feats = block(feats)
         out = self.reconstruction(feats.reshape(b * t, nf, hp, wp))
@@ -205,7 +256,8 @@ class MEGAN(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         meta = {"format": "pt", "written_by": written_by()}
         for name, write in ((WEIGHTS_NAME, lambda path: save_file(state, path, meta)),
-                            (CONFIG_NAME, lambda path: _write_text(path, json.dumps(self.config_dict(), indent=2)))):
+                            (CONFIG_NAME, lambda path: _write_text(path, json.dumps(
+                                {**self.config_dict(), "written_by": meta["written_by"]}, indent=2)))):
             kind = Kind(name, entries=re.escape(name), by_name=True)  # a model folder's files are replaced by name
             out = Output(os.path.join(os.path.abspath(directory), name), "file", kind, True, name)
             with out.atomic_file() as tmp:
@@ -238,6 +290,8 @@ class MEGAN(nn.Module):
                 config = json.load(f)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{config_path}: not a readable JSON file ({exc})") from None
+        if isinstance(config, dict):
+            config.pop("written_by", None)  # save_pretrained's mark (megan_fast.outputs), not a config field
         try:
             model = cls(MEGANConfig.from_dict(config, source=config_path))
         except ConfigError as exc:

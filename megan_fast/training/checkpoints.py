@@ -78,7 +78,7 @@ def save_checkpoint(out_dir, it, model, optimizer, scheduler, ema, rank, world, 
     """
     rng = {"torch": _gather_rng(rank, world),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-           "lmga": model.lmga.generator.get_state() if model.lmga.generator is not None else None}
+           "lmga": model.lmga.generator.get_state() if getattr(model.lmga, "generator", None) is not None else None}
     if rank != 0:
         return None
     ckpt_dir = os.path.join(out_dir, "checkpoints")
@@ -109,7 +109,7 @@ def restore(state: dict, path: str, model, optimizer, scheduler, scaler, ema, ra
         torch.set_rng_state(rng["torch"][rank] if rank < len(rng["torch"]) else rng["torch"][0])
         if torch.cuda.is_available() and rng.get("cuda") is not None and dev.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"])
-        if model.lmga.generator is not None and rng.get("lmga") is not None:
+        if getattr(model.lmga, "generator", None) is not None and rng.get("lmga") is not None:
             model.lmga.generator.set_state(rng["lmga"])
     except (CheckpointError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
         raise CheckpointError(f"{path}: does not fit this run's config ({exc})") from None

@@ -293,9 +293,11 @@ def train(cfg: dict, resume: bool = False, device: str | None = None, progress: 
                 lq, gt = item["lq"].to(dev, non_blocking=True), item["gt"].to(dev, non_blocking=True)
                 # LMGA's memory frames are drawn here, on the host, and passed in as a device tensor: the
                 # same draws as an eager forward makes, and a captured step replays with fresh ones.
-                memory = model.lmga.draw_memory_indices(num_frames).to(dev, non_blocking=True)
+                kwargs = {}
+                if model.lmga is not None:
+                    kwargs["memory_indices"] = model.lmga.draw_memory_indices(num_frames).to(dev, non_blocking=True)
                 with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                    loss = charbonnier(net(lq, memory_indices=memory).float(), gt, optim_cfg["charbonnier_eps"])
+                    loss = charbonnier(net(lq, **kwargs).float(), gt, optim_cfg["charbonnier_eps"])
                 _step(loss, model, optimizer, scheduler, scaler, optim_cfg["grad_clip"])
                 if ema is not None:
                     _update_ema(ema, model, optim_cfg["ema_decay"])

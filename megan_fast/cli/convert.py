@@ -1,0 +1,45 @@
+"""``megan-fast convert SRC OUT_DIR``: a checkpoint in this package's format (config.json + model.safetensors).
+
+SRC is an official Zooming Slow-Mo ``.pth`` file (read with
+``weights_only=True``) or a model folder; OUT_DIR is written as a whole,
+atomically (a temporary folder renamed into place), and is checked before
+anything is read (:mod:`megan_fast.outputs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megan_fast import outputs
+from megan_fast.cli import _common
+
+MODEL_KIND = outputs.Kind("model folder", folder=True, entries=r"config\.json|model\.safetensors")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="write a checkpoint (e.g. the official Zooming Slow-Mo .pth) as a model folder of this package",
+        description="Reads SRC (an official Zooming Slow-Mo .pth state dict, with or without DataParallel's "
+        "'module.' prefix, or a model folder) and writes OUT_DIR with config.json and model.safetensors, which "
+        "every command's --checkpoint and MEGAN.from_pretrained take.",
+    )
+    p.add_argument("src", metavar="SRC", help=_common.CHECKPOINT_HELP)
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the model folder to write (must not exist yet)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it is an earlier megan-fast model folder (never anything else)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = outputs.check_output(args.out_dir, "OUT_DIR", MODEL_KIND, inputs=[("SRC", args.src)],
+                               overwrite=args.overwrite)
+    model = _common.load_model(args.src, "cpu", arg="SRC")
+    with out.atomic_folder() as tmp:
+        model.save_pretrained(tmp)
+    cfg = model.config
+    arch = "Zooming Slow-Mo" if not (cfg.lmga or cfg.nonlocal_blocks or cfg.num_pfrdb) else "MEGAN"
+    params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out_dir}: {arch}, {params:,} parameters (nf {cfg.nf}, {cfg.front_blocks} + "
+          f"{cfg.back_blocks} residual blocks)")
+    return 0

@@ -1,0 +1,196 @@
+"""One entry point for weights: a model folder of ours, or the official Zooming Slow-Mo ``.pth`` file.
+
+The official network (Xiang et al., CVPR 2020, ``LunaTokis`` in the authors'
+code) is ``MEGANConfig.zooming_slowmo()`` of this family; its released file
+is a plain state dict whose key names are the authors' module names.  This
+module knows those names (facts about the released file, docs/DESIGN.md
+section 3) and renames them to ours; the arithmetic is the same layer for
+layer (its ``DCN_sep`` offsets are the first two thirds of
+``conv_offset_mask``, in torchvision's layout, as ours are).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+
+import torch
+from torch import Tensor
+
+from megan_fast.errors import CheckpointError, MissingCheckpointError
+from megan_fast.models.megan import CONFIG_NAME, WEIGHTS_NAME, MEGAN, MEGANConfig
+
+__all__ = ["load_model", "official_names", "read_state_dict", "from_official_state_dict"]
+
+# The official PCD alignment: suffix _1 aligns the first frame's pyramid to the second's, _2 the reverse.
+_PCD_DIRECTIONS = {"1": "align_1to2", "2": "align_2to1"}
+
+
+def _pcd_names(official: str, ours: str) -> dict[str, str]:
+    """Official -> our names of one PCD alignment (prefixes without the trailing dot)."""
+    names = {}
+    for j, direction in _PCD_DIRECTIONS.items():
+        for lvl in ("1", "2", "3"):
+            convs = ("1", "2") if lvl == "3" else ("1", "2", "3")
+            for k in convs:
+                names[f"{official}.L{lvl}_offset_conv{k}_{j}"] = f"{ours}.{direction}.l{lvl}_offset_conv{k}"
+            names[f"{official}.L{lvl}_dcnpack_{j}"] = f"{ours}.{direction}.l{lvl}_dcn"
+            names[f"{official}.L{lvl}_dcnpack_{j}.conv_offset_mask"] = f"{ours}.{direction}.l{lvl}_dcn.conv_offset"
+            if lvl != "3":
+                names[f"{official}.L{lvl}_fea_conv_{j}"] = f"{ours}.{direction}.l{lvl}_fea_conv"
+    return names
+
+
+def _pyramid_names(official: str, ours: str) -> dict[str, str]:
+    return {f"{official}.fea_L{lvl}_conv{k}" if official else f"fea_L{lvl}_conv{k}": f"{ours}.l{lvl}_conv{k}"
+            for lvl in ("2", "3") for k in ("1", "2")}
+
+
+def official_names(front_blocks: int = 5, back_blocks: int = 40) -> dict[str, str]:
+    """Every tensor name of the official file -> its name in :class:`MEGAN` (``MEGANConfig.zooming_slowmo()``).
+
+    416 names for the released network (5 front and 40 back residual blocks).
+    """
+    modules = {"conv_first": "features.conv_first", "fusion": "interpolation.fusion",
+               "ConvBLSTM.forward_net.cell_list.0.conv": "convlstm.cell", "ConvBLSTM.conv_1x1": "convlstm.fusion",
+               "upconv1": "reconstruction.upconv1", "upconv2": "reconstruction.upconv2",
+               "HRconv": "reconstruction.conv_hr", "conv_last": "reconstruction.conv_last"}
+    for i in range(front_blocks):
+        for conv in ("conv1", "conv2"):
+            modules[f"feature_extraction.{i}.{conv}"] = f"features.trunk.{i}.{conv}"
+    for i in range(back_blocks):
+        for conv in ("conv1", "conv2"):
+            modules[f"recon_trunk.{i}.{conv}"] = f"reconstruction.trunk.{i}.{conv}"
+    modules.update(_pyramid_names("", "features.pyramid"))
+    modules.update(_pcd_names("pcd_align", "interpolation"))
+    for state in ("h", "c"):
+        official, ours = f"ConvBLSTM.forward_net.pcd_{state}", f"convlstm.pcd_{state}"
+        modules.update(_pyramid_names(official, f"{ours}.pyramid"))
+        modules.update(_pcd_names(f"{official}.pcd_align", f"{ours}.pcd"))
+        modules[f"{official}.fusion"] = f"{ours}.pcd.fusion"
+    return {f"{a}.{p}": f"{b}.{p}" for a, b in modules.items() for p in ("weight", "bias")}
+
+
+def read_state_dict(path: str) -> dict[str, Tensor]:
+    """A ``.pth`` state dict, read with ``torch.load(weights_only=True)`` (nothing in it runs).
+
+    A DataParallel save's ``module.`` prefix is removed.  Anything that is not
+    a mapping of names to tensors is a :class:`CheckpointError` naming the file.
+    """
+    if not os.path.isfile(path):
+        raise MissingCheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch names the refused object ("... unsupported GLOBAL posix.system ...") or pickle operation.
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "unsupported" in ln.lower() and "weights_only" not in ln), "")
+        if "global" in reason.lower():
+            raise CheckpointError(f"{path}: not a plain state dict of tensors: it holds Python objects, which are "
+                                  f"not loaded (that would run code the file carries; {reason})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file (a state dict of tensors saved by "
+                              f"torch.save; {reason or 'unreadable'})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({first})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict (names -> tensors), got a {type(state).__name__}")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: expected a state dict of tensors; entry {bad[0]!r} is a "
+                              f"{type(state[bad[0]]).__name__}")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _count_blocks(state: dict[str, Tensor], prefix: str, default: int) -> int:
+    found = {int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
+    return max(found) + 1 if found else default
+
+
+def _listing(names: list[str], what: str) -> str:
+    shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"{len(names)} {what} ({shown})"
+
+
+def from_official_state_dict(state: dict[str, Tensor], source: str = "state dict") -> MEGAN:
+    """The Zooming Slow-Mo model of an official state dict (``conv_first``, ``pcd_align``, ``ConvBLSTM``, ...).
+
+    nf, the deformable groups and the residual block counts are read from
+    the tensors.  A dict that does not match gets one :class:`CheckpointError`
+    naming the missing and unexpected tensors and the shape mismatches (the
+    first few of each, with the official names).
+    """
+    first = state.get("conv_first.weight")
+    nf = int(first.shape[0]) if first is not None and first.dim() == 4 else 64
+    offsets = state.get("pcd_align.L3_dcnpack_1.conv_offset_mask.weight")
+    groups = int(offsets.shape[0]) // 27 if offsets is not None and offsets.shape[0] % 27 == 0 else 8
+    front, back = _count_blocks(state, "feature_extraction", 5), _count_blocks(state, "recon_trunk", 40)
+    try:
+        config = MEGANConfig.zooming_slowmo(nf=nf, deformable_groups=max(groups, 1), front_blocks=front,
+                                            back_blocks=back)
+    except Exception:  # noqa: BLE001 - a nonsensical size: report the mismatch against the released network
+        config = MEGANConfig.zooming_slowmo()
+    with torch.device("meta"):
+        model = MEGAN(config)
+    names = official_names(front, back)
+    own = model.state_dict()
+    missing = [k for k in names if k not in state]
+    unexpected = [k for k in state if k not in names]
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[names[k]].shape)}" for k in names
+              if k in state and tuple(state[k].shape) != tuple(own[names[k]].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(_listing(missing, "missing"))
+        if unexpected:
+            parts.append(_listing(unexpected, "unexpected"))
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape ({'; '.join(shapes[:3])}{'; ...' if len(shapes) > 3 else ''})")
+        raise CheckpointError(f"{source}: not the Zooming Slow-Mo network: tensors {', '.join(parts)}")
+    model = MEGAN(config)
+    ours = {names[k]: v for k, v in state.items()}
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(f"{source}: {len(broken)} tensor(s) hold NaN or infinite weights (e.g. {broken[0]!r}); "
+                              "the model would give garbage")
+    model.load_state_dict(ours)
+    return model
+
+
+def _looks_official(state: dict[str, Tensor]) -> bool:
+    return any(k.startswith(("ConvBLSTM.", "pcd_align.", "recon_trunk.", "feature_extraction.")) for k in state)
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> MEGAN:
+    """A ready model (eval mode) from a folder of ours or an official Zooming Slow-Mo ``.pth`` file.
+
+    Args:
+        path: a folder with ``config.json`` and ``model.safetensors``
+            (:meth:`MEGAN.save_pretrained`, ``megan-fast train``, ``megan-fast
+            convert``), or a ``.pth`` file holding the official network's
+            state dict (plain, or a DataParallel save with ``module.``).
+        map_location: the device the model is put on.
+
+    Raises:
+        MissingCheckpointError: no such folder or file.
+        CheckpointError: anything else that is wrong with it, in one line
+            naming the file (a ``.pth`` is read with ``weights_only=True``:
+            a pickle carrying objects other than tensors is refused, never run).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        model = MEGAN.from_pretrained(path, map_location=map_location)
+    elif not os.path.exists(path):
+        raise MissingCheckpointError(f"{path}: no such checkpoint (expected a folder with {CONFIG_NAME} and "
+                                     f"{WEIGHTS_NAME}, or an official Zooming Slow-Mo .pth file)")
+    else:
+        state = read_state_dict(path)
+        if not _looks_official(state) and any(k.startswith(("features.", "convlstm.", "reconstruction.")) for k in state):
+            raise CheckpointError(f"{path}: a state dict of this package's own names without its {CONFIG_NAME}; "
+                                  "save models with MEGAN.save_pretrained (a folder) to load them here")
+        model = from_official_state_dict(state, source=path).to(map_location)
+    return model.eval()

@@ -1,0 +1,376 @@
+"""Zooming Slow-Mo as a member of the model family, and its official checkpoint format.
+
+The official network is written out here a second time, independently of
+megan_fast.models: its tensor names from the module definitions of the
+authors' ``LunaTokis`` (facts: names, shapes, forward order), and its forward
+as plain functional code over a state dict with those names, with
+torchvision's DCN, F.interpolate and two separate ConvLSTM passes.  Our
+model, given the same file through ``load_model``, must compute the same
+frames.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megan_fast.cli.main import main
+from megan_fast.errors import CheckpointError
+from megan_fast.models import MEGAN, MEGANConfig, load_model
+from megan_fast.ops import use_backend
+
+torchvision = pytest.importorskip("torchvision")
+
+
+# --------------------------------------------------------------------------- the official network, written out
+
+
+def official_shapes(nf=64, front=5, back=40, groups=8) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the official file with its shape, from the module definitions."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name, cin, cout, k=3):
+        shapes[f"{name}.weight"] = (cout, cin, k, k)
+        shapes[f"{name}.bias"] = (cout,)
+
+    def pcd(prefix):
+        for j in ("1", "2"):
+            conv(f"{prefix}.L3_offset_conv1_{j}", 2 * nf, nf)
+            conv(f"{prefix}.L3_offset_conv2_{j}", nf, nf)
+            for lvl in ("3", "2", "1"):
+                if lvl != "3":
+                    conv(f"{prefix}.L{lvl}_offset_conv1_{j}", 2 * nf, nf)
+                    conv(f"{prefix}.L{lvl}_offset_conv2_{j}", 2 * nf, nf)
+                    conv(f"{prefix}.L{lvl}_offset_conv3_{j}", nf, nf)
+                    conv(f"{prefix}.L{lvl}_fea_conv_{j}", 2 * nf, nf)
+                conv(f"{prefix}.L{lvl}_dcnpack_{j}", nf, nf)  # DCN_sep weight and bias
+                conv(f"{prefix}.L{lvl}_dcnpack_{j}.conv_offset_mask", nf, 3 * groups * 9)
+
+    def pyramid(prefix):
+        for lvl in ("2", "3"):
+            conv(f"{prefix}fea_L{lvl}_conv1", nf, nf)
+            conv(f"{prefix}fea_L{lvl}_conv2", nf, nf)
+
+    conv("conv_first", 3, nf)
+    for i in range(front):
+        conv(f"feature_extraction.{i}.conv1", nf, nf)
+        conv(f"feature_extraction.{i}.conv2", nf, nf)
+    pyramid("")
+    pcd("pcd_align")
+    conv("fusion", 2 * nf, nf, 1)
+    for s in ("h", "c"):
+        pyramid(f"ConvBLSTM.forward_net.pcd_{s}.")
+        pcd(f"ConvBLSTM.forward_net.pcd_{s}.pcd_align")
+        conv(f"ConvBLSTM.forward_net.pcd_{s}.fusion", 2 * nf, nf, 1)
+    conv("ConvBLSTM.forward_net.cell_list.0.conv", 2 * nf, 4 * nf)
+    conv("ConvBLSTM.conv_1x1", 2 * nf, nf, 1)
+    for i in range(back):
+        conv(f"recon_trunk.{i}.conv1", nf, nf)
+        conv(f"recon_trunk.{i}.conv2", nf, nf)
+    conv("upconv1", nf, 4 * nf)
+    conv("upconv2", nf, 4 * 64)
+    conv("HRconv", 64, 64)
+    conv("conv_last", 64, 3)
+    return shapes
+
+
+def official_state_dict(seed=0, **sizes) -> dict[str, torch.Tensor]:
+    """Random weights under the official names; every offset conv off its zero init, so the offsets matter."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in official_shapes(**sizes).items():
+        fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 16
+        scale = (0.5 if "conv_offset_mask" in name else 1.0) / fan_in ** 0.5
+        state[name] = torch.randn(shape, generator=gen) * scale
+    return state
+
+
+def official_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, groups: int) -> torch.Tensor:
+    """The official forward, written from its description, on a state dict with the official names."""
+    from torchvision.ops import deform_conv2d
+
+    lrelu = lambda t: F.leaky_relu(t, 0.1)  # noqa: E731
+    up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)  # noqa: E731
+
+    def conv(name, t, padding=None):
+        w = sd[f"{name}.weight"]
+        return F.conv2d(t, w, sd[f"{name}.bias"], padding=w.shape[-1] // 2 if padding is None else padding)
+
+    def conv_s2(name, t):
+        return F.conv2d(t, sd[f"{name}.weight"], sd[f"{name}.bias"], stride=2, padding=1)
+
+    def resblock(name, t):
+        return t + conv(f"{name}.conv2", F.relu(conv(f"{name}.conv1", t)))
+
+    def dcn_sep(name, t, fea):
+        o1, o2, m = torch.chunk(conv(f"{name}.conv_offset_mask", fea), 3, dim=1)
+        return deform_conv2d(t, torch.cat((o1, o2), 1), sd[f"{name}.weight"], sd[f"{name}.bias"], padding=1,
+                             mask=torch.sigmoid(m))
+
+    def pyramid(prefix, l1):
+        l2 = lrelu(conv(f"{prefix}fea_L2_conv2", lrelu(conv_s2(f"{prefix}fea_L2_conv1", l1))))
+        l3 = lrelu(conv(f"{prefix}fea_L3_conv2", lrelu(conv_s2(f"{prefix}fea_L3_conv1", l2))))
+        return [l1, l2, l3]
+
+    def pcd_align(p, fea1, fea2):
+        out = []
+        for j, (a, b) in (("1", (fea1, fea2)), ("2", (fea2, fea1))):
+            off3 = lrelu(conv(f"{p}.L3_offset_conv2_{j}", lrelu(conv(f"{p}.L3_offset_conv1_{j}", torch.cat([a[2], b[2]], 1)))))
+            fea3 = lrelu(dcn_sep(f"{p}.L3_dcnpack_{j}", a[2], off3))
+            off2 = lrelu(conv(f"{p}.L2_offset_conv1_{j}", torch.cat([a[1], b[1]], 1)))
+            off2 = lrelu(conv(f"{p}.L2_offset_conv2_{j}", torch.cat([off2, up(off3) * 2], 1)))
+            off2 = lrelu(conv(f"{p}.L2_offset_conv3_{j}", off2))
+            fea2_ = lrelu(conv(f"{p}.L2_fea_conv_{j}", torch.cat([dcn_sep(f"{p}.L2_dcnpack_{j}", a[1], off2), up(fea3)], 1)))
+            off1 = lrelu(conv(f"{p}.L1_offset_conv1_{j}", torch.cat([a[0], b[0]], 1)))
+            off1 = lrelu(conv(f"{p}.L1_offset_conv2_{j}", torch.cat([off1, up(off2) * 2], 1)))
+            off1 = lrelu(conv(f"{p}.L1_offset_conv3_{j}", off1))
+            out.append(conv(f"{p}.L1_fea_conv_{j}", torch.cat([dcn_sep(f"{p}.L1_dcnpack_{j}", a[0], off1), up(fea2_)], 1)))
+        return torch.cat(out, 1)
+
+    def easy_pcd(prefix, f1, f2):
+        b = f1.shape[0]
+        levels = pyramid(f"{prefix}.", torch.stack([f1, f2], 1).flatten(0, 1))
+        fea1 = [lvl.view(b, 2, *lvl.shape[1:])[:, 0] for lvl in levels]
+        fea2 = [lvl.view(b, 2, *lvl.shape[1:])[:, 1] for lvl in levels]
+        return conv(f"{prefix}.fusion", pcd_align(f"{prefix}.pcd_align", fea1, fea2), padding=0)
+
+    def lstm(seq):
+        h = torch.zeros_like(seq[:, 0])
+        c = torch.zeros_like(seq[:, 0])
+        outs = []
+        for t in range(seq.shape[1]):
+            xt = seq[:, t]
+            h_t = easy_pcd("ConvBLSTM.forward_net.pcd_h", xt, h)
+            c_t = easy_pcd("ConvBLSTM.forward_net.pcd_c", xt, c)
+            gi, gf, go, gg = torch.split(conv("ConvBLSTM.forward_net.cell_list.0.conv", torch.cat([xt, h_t], 1)),
+                                         h.shape[1], 1)
+            c = torch.sigmoid(gf) * c_t + torch.sigmoid(gi) * torch.tanh(gg)
+            h = torch.sigmoid(go) * torch.tanh(c)
+            outs.append(h)
+        return torch.stack(outs, 1)
+
+    b, n, _, hh, ww = x.shape
+    ph, pw = (-hh) % 4, (-ww) % 4  # the official test script: zeros at the bottom and right, cropped back
+    xp = F.pad(x.flatten(0, 1), (0, pw, 0, ph)).view(b, n, 3, hh + ph, ww + pw)
+    H, W = hh + ph, ww + pw
+    l1 = lrelu(conv("conv_first", xp.flatten(0, 1)))
+    for i in range(sum(1 for k in sd if k.startswith("feature_extraction.") and k.endswith("conv1.weight"))):
+        l1 = resblock(f"feature_extraction.{i}", l1)
+    levels = [lvl.view(b, n, *lvl.shape[1:]) for lvl in pyramid("", l1)]
+    seq = []
+    for i in range(n - 1):
+        fea1, fea2 = [lvl[:, i] for lvl in levels], [lvl[:, i + 1] for lvl in levels]
+        if i == 0:
+            seq.append(fea1[0])
+        seq.append(conv("fusion", pcd_align("pcd_align", fea1, fea2), padding=0))
+        seq.append(fea2[0])
+    seq = torch.stack(seq, 1)
+    fwd, rev = lstm(seq), lstm(seq.flip(1)).flip(1)
+    t = seq.shape[1]
+    feats = conv("ConvBLSTM.conv_1x1", torch.cat([fwd, rev], 2).flatten(0, 1), padding=0)
+    for i in range(sum(1 for k in sd if k.startswith("recon_trunk.") and k.endswith("conv1.weight"))):
+        feats = resblock(f"recon_trunk.{i}", feats)
+    out = lrelu(F.pixel_shuffle(conv("upconv1", feats), 2))
+    out = lrelu(F.pixel_shuffle(conv("upconv2", out), 2))
+    out = conv("conv_last", lrelu(conv("HRconv", out)))
+    return out.view(b, t, 3, 4 * H, 4 * W)[..., : 4 * hh, : 4 * ww]
+
+
+SMALL = dict(nf=64, front=2, back=1, groups=8)  # nf 64: the official upconv2, HRconv and conv_last are 64 wide for any nf
+
+
+def save_official(path, prefix="", **sizes) -> str:
+    state = official_state_dict(**{**SMALL, **sizes})
+    torch.save({prefix + k: v for k, v in state.items()}, path)
+    return str(path)
+
+
+def rel_l2(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# --------------------------------------------------------------------------- the released file's format
+
+
+def test_the_official_key_list_is_the_released_files():
+    shapes = official_shapes()
+    assert len(shapes) == 416
+    assert sum(int(torch.tensor(s).prod()) for s in shapes.values()) == 11_102_771
+    model = MEGAN(MEGANConfig.zooming_slowmo())
+    assert sum(p.numel() for p in model.parameters()) == 11_102_771 and len(model.state_dict()) == 416
+
+
+def test_the_full_size_official_state_dict_loads_strictly(tmp_path):
+    state = {k: torch.zeros(s) for k, s in official_shapes().items()}
+    torch.save(state, tmp_path / "xiang2020zooming.pth")
+    model = load_model(tmp_path / "xiang2020zooming.pth")
+    assert model.config == MEGANConfig.zooming_slowmo() and not model.training
+
+
+@pytest.mark.parametrize("size", [(12, 16), (10, 13)])
+def test_our_forward_equals_the_official_one(tmp_path, size):
+    path = save_official(tmp_path / "z.pth")
+    model = load_model(path)
+    sd = torch.load(path, weights_only=True)
+    x = torch.rand(1, 3, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, official = model(x), official_forward(sd, x, SMALL["groups"])
+    assert ours.shape == official.shape == (1, 5, 3, 4 * size[0], 4 * size[1])
+    assert rel_l2(ours, official) < 1e-5
+
+
+def test_any_number_of_input_frames_and_a_dataparallel_save(tmp_path):
+    path = save_official(tmp_path / "z.pth", prefix="module.")
+    model = load_model(path)
+    sd = {k.removeprefix("module."): v for k, v in torch.load(path, weights_only=True).items()}
+    for n in (2, 5):
+        x = torch.rand(2, n, 3, 8, 8)
+        with torch.no_grad():
+            out = model(x)
+        assert out.shape == (2, 2 * n - 1, 3, 32, 32)
+        assert rel_l2(out, official_forward(sd, x, SMALL["groups"])) < 1e-5
+    with pytest.raises(ValueError, match="n >= 2"):
+        model(torch.rand(1, 1, 3, 8, 8))
+
+
+def test_convert_round_trips_with_the_same_frames(tmp_path, capsys):
+    path = save_official(tmp_path / "z.pth")
+    assert main(["convert", path, str(tmp_path / "ours")]) == 0
+    assert "Zooming Slow-Mo" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "ours")) == ["config.json", "model.safetensors"]
+    x = torch.rand(1, 3, 3, 8, 12)
+    with torch.no_grad():
+        a, b = load_model(path)(x), MEGAN.from_pretrained(tmp_path / "ours").eval()(x)
+    assert torch.equal(a, b)
+    assert main(["convert", path, str(tmp_path / "ours")]) == 2  # exists: needs --overwrite
+    assert main(["convert", path, str(tmp_path / "ours"), "--overwrite"]) == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    assert main(["convert", path, str(tmp_path / "mine"), "--overwrite"]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".megan-fast-")] == []
+
+
+# --------------------------------------------------------------------------- files that are not it
+
+
+def test_a_mismatched_state_dict_names_what_differs(tmp_path):
+    state = official_state_dict(**SMALL)
+    del state["upconv1.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    state["conv_last.bias"] = torch.zeros(4)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path / "bad.pth")
+    msg = str(info.value)
+    assert "1 missing ('upconv1.weight')" in msg and "1 unexpected ('extra.weight')" in msg
+    assert "conv_last.bias: (4,) vs (3,)" in msg and "\n" not in msg
+
+
+def test_a_pickle_with_objects_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"conv_first.weight": Planted()}, tmp_path / "planted.pth")
+    with pytest.raises(CheckpointError, match="holds Python objects, which are not loaded"):
+        load_model(tmp_path / "planted.pth")
+    assert not marker.exists()
+    with open(tmp_path / "plain.pth", "wb") as f:
+        pickle.dump({"a": Planted()}, f, protocol=2)
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path / "plain.pth")
+    assert not marker.exists()
+
+
+def test_truncated_empty_and_non_dict_files(tmp_path):
+    path = save_official(tmp_path / "z.pth")
+    data = open(path, "rb").read()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    torch.save({"conv_first.weight": [1, 2]}, tmp_path / "entry.pth")
+    for name, needle in (("cut.pth", "not a readable PyTorch weights file"),
+                         ("empty.pth", "not a readable PyTorch weights file"),
+                         ("list.pth", "expected a state dict"), ("entry.pth", "'conv_first.weight' is a list")):
+        with pytest.raises(CheckpointError, match=needle):
+            load_model(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing.pth")
+
+
+def test_a_megan_checkpoint_is_not_taken_for_the_other_architecture(tmp_path):
+    torch.save(MEGAN(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1, num_pfrdb=1).state_dict(),
+               tmp_path / "megan.pth")
+    with pytest.raises(CheckpointError, match="own names without its config.json"):
+        load_model(tmp_path / "megan.pth")
+    # and our folder of the Zooming Slow-Mo config is not a MEGAN one
+    MEGAN(MEGANConfig.zooming_slowmo(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)).save_pretrained(
+        tmp_path / "zsm")
+    cfg = tmp_path / "zsm" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"lmga": false', '"lmga": true'))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(tmp_path / "zsm")
+
+
+# --------------------------------------------------------------------------- the commands take a .pth
+
+
+def test_upscale_eval_and_demo_take_the_pth_directly(tmp_path, capsys):
+    pytest.importorskip("av")
+    from _media import grey_frames
+
+    path = save_official(tmp_path / "z.pth")
+    frames = grey_frames(tmp_path / "frames", [30 * i for i in range(5)], h=8, w=8, name="{i:03d}.png")
+    assert main(["upscale", frames, str(tmp_path / "up"), "--checkpoint", path]) == 0
+    assert len(os.listdir(tmp_path / "up")) == 9
+    data = tmp_path / "clips"
+    grey_frames(data / "clip", [20 * i for i in range(7)], h=32, w=32, name="{i:03d}.png")
+    assert main(["eval", "--checkpoint", path, "--data", str(data), "--json", str(tmp_path / "e.json"),
+                 "--no-baseline"]) == 0
+    pytest.importorskip("skimage", reason="the demo films a scikit-image photo")
+    assert main(["demo", "--checkpoint", path, "--output", str(tmp_path / "demo"), "--size", "32x32",
+                 "--no-bench", "--device", "cpu"]) == 0
+    assert "z.pth" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- each switch of the preset
+
+
+@pytest.mark.parametrize("switch", [dict(nonlocal_blocks=False), dict(lmga=False), dict(num_pfrdb=0)])
+def test_each_switch_native_equals_reference(switch):
+    torch.manual_seed(0)
+    model = MEGAN(**{**dict(num_input_frames=3, nf=8, deformable_groups=2, front_blocks=1, back_blocks=1, num_pfrdb=1,
+                            nonlocal_inner=4, graph_hidden=4, tau=2), **switch}).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.rand(1, 3, 3, 8, 8, dtype=torch.float64)
+    res = {}
+    for backend in ("native", "reference"):
+        model.zero_grad(set_to_none=True)
+        with use_backend(backend):
+            out = model(x, memory_indices=[0, 2]) if model.lmga is not None else model(x)
+            out.square().mean().backward()
+        res[backend] = (out.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(res["native"][0], res["reference"][0], rtol=1e-10, atol=1e-12)
+    for a, e in zip(res["native"][1], res["reference"][1]):
+        torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-12)
+    names = set(model.state_dict())
+    assert (not any(n.startswith("features.nonlocal") for n in names)) == (not model.config.nonlocal_blocks)
+    assert (not any(n.startswith("lmga.") for n in names)) == (not model.config.lmga)
+
+
+def test_preset_config_round_trips_and_is_checked(tmp_path):
+    cfg = MEGANConfig.zooming_slowmo()
+    assert MEGANConfig.from_dict(cfg.__dict__) == cfg
+    with pytest.raises(Exception, match="pad_mode must be 'replicate' or 'zeros'"):
+        MEGANConfig(pad_mode="reflect")
+    with pytest.raises(Exception, match="lmga must be"):
+        MEGANConfig(lmga=1)
