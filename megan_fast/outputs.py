@@ -58,12 +58,16 @@ def written_by(command: str | None = None) -> str:
 # --------------------------------------------------------------------------- recognising our own files
 
 
-def _marked(value: Any) -> bool:
-    return isinstance(value, str) and (value == MARK or value.startswith(MARK + " "))
+def _marked(value: Any, commands: tuple[str, ...] | None = None) -> bool:
+    if not (isinstance(value, str) and (value == MARK or value.startswith(MARK + " "))):
+        return False
+    parts = value.split()  # "megan-fast", version, command
+    return commands is None or (len(parts) >= 3 and parts[2] in commands)
 
 
-def is_ours(path: str) -> bool:
-    """Whether the file at ``path`` carries megan-fast's mark (by its extension's format; unknown: False)."""
+def is_ours(path: str, commands: tuple[str, ...] | None = None) -> bool:
+    """Whether the file at ``path`` carries megan-fast's mark (by its extension's format; unknown: False), naming
+    one of ``commands`` if given."""
     if os.path.islink(path) or not os.path.isfile(path):
         return False
     ext = os.path.splitext(path)[1].lower()
@@ -72,26 +76,26 @@ def is_ours(path: str) -> bool:
             from PIL import Image
 
             with Image.open(path) as img:  # text chunks before the image data are read on open
-                return _marked(img.info.get("Software"))
+                return _marked(img.info.get("Software"), commands)
         if ext == ".json":
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-            return isinstance(data, dict) and _marked(data.get("written_by"))
+            return isinstance(data, dict) and _marked(data.get("written_by"), commands)
         if ext == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(path, "pt") as f:  # the header only
-                return _marked((f.metadata() or {}).get("written_by"))
+                return _marked((f.metadata() or {}).get("written_by"), commands)
         if ext in (".yaml", ".yml"):
             with open(path, encoding="utf-8") as f:
                 first = f.readline()
-            return first.startswith("# ") and _marked(first[2:].strip().split(":")[0])
+            return first.startswith("# ") and _marked(first[2:].strip().split(":")[0], commands)
         if ext in VIDEO_EXTENSIONS:
             import av
 
             with av.open(path) as container:
                 meta = {k.lower(): v for k, v in container.metadata.items()}
-            return _marked(meta.get("comment"))
+            return _marked(meta.get("comment"), commands)
     except Exception:  # unreadable or not of that format: not ours
         return False
     return False
@@ -110,6 +114,8 @@ class Kind:
             keys such as ``00001/0001`` are two levels).
         by_name: files inside a folder that only megan-fast writes (a run's
             checkpoints): a name matching ``entries`` is enough.
+        commands: the marks must name one of these commands (an eval JSON
+            may replace an eval JSON, not a model's config.json).
     """
 
     what: str
@@ -117,6 +123,7 @@ class Kind:
     entries: str | None = None
     nested: bool = False
     by_name: bool = False
+    commands: tuple[str, ...] | None = None
 
     def foreign(self, path: str) -> str | None:
         """None if ``path`` is an output of this kind that megan-fast wrote, else the first path in it that is not.
@@ -126,7 +133,7 @@ class Kind:
         if not self.folder:
             if self.by_name:
                 return None if self.entries and re.fullmatch(self.entries, os.path.basename(path)) else path
-            return None if is_ours(path) else path
+            return None if is_ours(path, self.commands) else path
         for name in sorted(os.listdir(path)):
             entry = os.path.join(path, name)
             if TMP_NAME.fullmatch(name) and not os.path.islink(entry):
@@ -140,7 +147,7 @@ class Kind:
                 inner = self.foreign(entry)
                 if inner is not None:
                     return inner
-            elif not (self.entries and re.fullmatch(self.entries, name) and is_ours(entry)):
+            elif not (self.entries and re.fullmatch(self.entries, name) and is_ours(entry, self.commands)):
                 return entry
         return None
 

@@ -374,3 +374,56 @@ def test_preset_config_round_trips_and_is_checked(tmp_path):
         MEGANConfig(pad_mode="reflect")
     with pytest.raises(Exception, match="lmga must be"):
         MEGANConfig(lmga=1)
+
+
+def test_files_a_model_cannot_use_are_refused_quickly(tmp_path):
+    import time
+
+    base = official_state_dict(**SMALL)
+    cases = {
+        "stray_index": ({**base, "recon_trunk.3000000.conv1.weight": torch.zeros(1)}, "unexpected"),
+        "int": ({**base, "conv_first.weight": base["conv_first.weight"].long()}, "dtype torch.int64"),
+        "complex": ({**base, "conv_first.bias": base["conv_first.bias"].to(torch.complex64)}, "dtype torch.complex64"),
+        "sparse": ({**base, "conv_first.bias": base["conv_first.bias"].to_sparse()}, "not a dense tensor"),
+        "meta": ({**base, "conv_first.bias": torch.empty(64, device="meta")}, "not a dense tensor"),
+        "f64_overflow": ({**base, "conv_first.bias": base["conv_first.bias"].double().index_fill(0, torch.tensor([0]),
+                                                                                                 1e300)},
+                         "NaN or infinite weights in float32"),
+        "huge_nf": ({**base, "conv_first.weight": torch.empty(10**9, 0, 3, 3)}, "of another shape"),
+        "nested": ({"state_dict": base}, "a training checkpoint"),
+        "int_key": ({3: torch.zeros(1)}, "key 3 is a int"),
+    }
+    for name, (state, needle) in cases.items():
+        torch.save(state, tmp_path / f"{name}.pth")
+        start = time.perf_counter()
+        with pytest.raises(CheckpointError, match=needle):
+            load_model(tmp_path / f"{name}.pth")
+        assert time.perf_counter() - start < 30, name  # no model of three million blocks is built
+    MEGAN(MEGANConfig.zooming_slowmo(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)).save_pretrained(
+        tmp_path / "zsm")
+    cfg = tmp_path / "zsm" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"back_blocks": 1', '"back_blocks": 100000000'))
+    with pytest.raises(CheckpointError, match="more blocks than model.safetensors has tensors"):
+        load_model(tmp_path / "zsm")
+    with pytest.raises(CheckpointError, match="give the folder"):
+        load_model(tmp_path / "zsm" / "model.safetensors")
+
+
+def test_overwrite_never_replaces_another_commands_file(tmp_path, capsys):
+    path = save_official(tmp_path / "z.pth")
+    assert main(["convert", path, str(tmp_path / "m")]) == 0
+    before = (tmp_path / "m" / "config.json").read_text()
+    data = tmp_path / "clips"
+    from _media import grey_frames
+
+    grey_frames(data / "clip", [20 * i for i in range(7)], h=16, w=16, name="{i:03d}.png")
+    # an eval JSON may replace an eval JSON, never a model's config.json
+    assert main(["eval", "--checkpoint", path, "--data", str(data), "--json", str(tmp_path / "m" / "config.json"),
+                 "--overwrite", "--no-baseline"]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert (tmp_path / "m" / "config.json").read_text() == before
+    for argv in (["upscale", str(data / "clip"), str(tmp_path / "up"), "--checkpoint", ""],
+                 ["demo", "--checkpoint", "", "--output", str(tmp_path / "d")], ["convert", "", str(tmp_path / "c")]):
+        assert main(argv) == 2
+        assert "is empty" in capsys.readouterr().err
+    assert not (tmp_path / "up").exists() and not (tmp_path / "d").exists() and not (tmp_path / "c").exists()

@@ -12,8 +12,9 @@ import argparse
 
 from megan_fast import outputs
 from megan_fast.cli import _common
+from megan_fast.errors import UsageError
 
-MODEL_KIND = outputs.Kind("model folder", folder=True, entries=r"config\.json|model\.safetensors")
+MODEL_KIND = outputs.Kind("model folder", folder=True, entries=r"config\.json|model\.safetensors", commands=("model",))
 
 
 def add_parser(sub) -> None:
@@ -32,6 +33,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.src or not args.src.strip():
+        raise UsageError("SRC is empty; give a model folder or a .pth file")
     out = outputs.check_output(args.out_dir, "OUT_DIR", MODEL_KIND, inputs=[("SRC", args.src)],
                                overwrite=args.overwrite)
     model = _common.load_model(args.src, "cpu", arg="SRC")

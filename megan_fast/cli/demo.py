@@ -202,7 +202,9 @@ def format_table(scores: dict) -> str:
 
 def _checkpoint(args: argparse.Namespace) -> str:
     """The checkpoint folder (or .pth file) to use; raises UsageError if a folder's files are missing."""
-    checkpoint = args.checkpoint or DEMO_CHECKPOINT
+    checkpoint = DEMO_CHECKPOINT if args.checkpoint is None else args.checkpoint
+    if not checkpoint.strip():
+        raise UsageError("--checkpoint is empty; give a model folder or a .pth file")
     if args.checkpoint is not None and os.path.isfile(checkpoint):
         return checkpoint  # an official .pth file: load_model checks it
     missing = [n for n in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(checkpoint, n))]

@@ -14,7 +14,7 @@ from megan_fast.cli._common import int_at_least, resolve_device
 from megan_fast.errors import InputError, UsageError
 from megan_fast.evaluation import SAVED_FRAMES
 
-JSON_KIND = outputs.Kind("JSON file")
+JSON_KIND = outputs.Kind("JSON file of megan-fast eval", commands=("eval",))
 EVAL_FRAMES_KIND = outputs.Kind("folder of evaluation frames", folder=True, entries=SAVED_FRAMES, nested=True)
 
 

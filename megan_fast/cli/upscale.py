@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     src = args.input
     if not src or not src.strip():
         raise UsageError("INPUT is empty; give a video file or a folder of frames")
-    checkpoint = args.checkpoint or DEMO_CHECKPOINT
+    checkpoint = DEMO_CHECKPOINT if args.checkpoint is None else args.checkpoint
     fmt = video.output_format(args.output) if args.output else None
     out = outputs.check_output(args.output, "OUTPUT", VIDEO_KIND if fmt else FRAMES_KIND,
                                inputs=[("INPUT", src), ("--checkpoint", checkpoint)], overwrite=args.overwrite)

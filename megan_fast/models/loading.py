@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 import zipfile
 
 import torch
 from torch import Tensor
 
 from megan_fast.errors import CheckpointError, MissingCheckpointError
-from megan_fast.models.megan import CONFIG_NAME, WEIGHTS_NAME, MEGAN, MEGANConfig
+from megan_fast.models.megan import CONFIG_NAME, WEIGHTS_NAME, MEGAN, MEGANConfig, check_weights
 
 __all__ = ["load_model", "official_names", "read_state_dict", "from_official_state_dict"]
 
@@ -81,8 +82,12 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
     """
     if not os.path.isfile(path):
         raise MissingCheckpointError(f"{path}: no such checkpoint file")
+    if path.endswith(".safetensors"):
+        raise CheckpointError(f"{path}: a safetensors file; give the folder that holds it with its {CONFIG_NAME}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on the pickle protocol: the error below says what matters
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch names the refused object ("... unsupported GLOBAL posix.system ...") or pickle operation.
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -97,18 +102,25 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: not a readable PyTorch weights file ({first})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict (names -> tensors), got a {type(state).__name__}")
-    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    keys = [k for k in state if not isinstance(k, str)]
+    if keys:
+        raise CheckpointError(f"{path}: expected a state dict (names -> tensors); key {keys[0]!r} is a "
+                              f"{type(keys[0]).__name__}, not a name")
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if bad:
+        hint = " (a training checkpoint? save the state dict itself)" if isinstance(state[bad[0]], dict) else ""
         raise CheckpointError(f"{path}: expected a state dict of tensors; entry {bad[0]!r} is a "
-                              f"{type(state[bad[0]]).__name__}")
+                              f"{type(state[bad[0]]).__name__}{hint}")
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
 
 
 def _count_blocks(state: dict[str, Tensor], prefix: str, default: int) -> int:
-    found = {int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
-    return max(found) + 1 if found else default
+    """How many residual blocks the file has: the distinct indices present (a stray large index is then an
+    unexpected tensor, not a model of that many blocks)."""
+    found = {m.group(1) for k in state if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
+    return len(found) if found else default
 
 
 def _listing(names: list[str], what: str) -> str:
@@ -132,10 +144,12 @@ def from_official_state_dict(state: dict[str, Tensor], source: str = "state dict
     try:
         config = MEGANConfig.zooming_slowmo(nf=nf, deformable_groups=max(groups, 1), front_blocks=front,
                                             back_blocks=back)
+        with torch.device("meta"):
+            model = MEGAN(config)
     except Exception:  # noqa: BLE001 - a nonsensical size: report the mismatch against the released network
         config = MEGANConfig.zooming_slowmo()
-    with torch.device("meta"):
-        model = MEGAN(config)
+        with torch.device("meta"):
+            model = MEGAN(config)
     names = official_names(front, back)
     own = model.state_dict()
     missing = [k for k in names if k not in state]
@@ -151,13 +165,9 @@ def from_official_state_dict(state: dict[str, Tensor], source: str = "state dict
         if shapes:
             parts.append(f"{len(shapes)} of another shape ({'; '.join(shapes[:3])}{'; ...' if len(shapes) > 3 else ''})")
         raise CheckpointError(f"{source}: not the Zooming Slow-Mo network: tensors {', '.join(parts)}")
+    check_weights(state, source)
     model = MEGAN(config)
-    ours = {names[k]: v for k, v in state.items()}
-    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if broken:
-        raise CheckpointError(f"{source}: {len(broken)} tensor(s) hold NaN or infinite weights (e.g. {broken[0]!r}); "
-                              "the model would give garbage")
-    model.load_state_dict(ours)
+    model.load_state_dict({names[k]: v for k, v in state.items()})
     return model
 
 

@@ -254,7 +254,7 @@ class MEGAN(nn.Module):
 
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        meta = {"format": "pt", "written_by": written_by()}
+        meta = {"format": "pt", "written_by": written_by("model")}
         for name, write in ((WEIGHTS_NAME, lambda path: save_file(state, path, meta)),
                             (CONFIG_NAME, lambda path: _write_text(path, json.dumps(
                                 {**self.config_dict(), "written_by": meta["written_by"]}, indent=2)))):
@@ -293,7 +293,12 @@ class MEGAN(nn.Module):
         if isinstance(config, dict):
             config.pop("written_by", None)  # save_pretrained's mark (megan_fast.outputs), not a config field
         try:
-            model = cls(MEGANConfig.from_dict(config, source=config_path))
+            cfg = MEGANConfig.from_dict(config, source=config_path)
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from None
+        _check_fits(cfg, config_path, weights_path)
+        try:
+            model = cls(cfg)
         except ConfigError as exc:
             raise CheckpointError(str(exc)) from None
         except (RuntimeError, MemoryError) as exc:  # a config too large for this machine's memory
@@ -302,14 +307,11 @@ class MEGAN(nn.Module):
             state = load_file(weights_path, device=str(map_location))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+        check_weights(state, weights_path)
         try:
             model.load_state_dict(state)
         except CheckpointError as exc:
             raise CheckpointError(f"{weights_path}: {exc}") from None
-        broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if broken:
-            raise CheckpointError(f"{weights_path}: {len(broken)} tensor(s) hold NaN or infinite weights "
-                                  f"(e.g. {broken[0]!r}); the model would give garbage")
         return model
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -336,6 +338,40 @@ class MEGAN(nn.Module):
                     parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
                 raise CheckpointError(f"the weights do not fit this model's config: tensors {' and '.join(parts)}")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _min_tensors(cfg: MEGANConfig) -> int:
+    """A lower bound of the tensors a config's model has (4 per residual block, 6 per PFRDB)."""
+    return 4 * (cfg.front_blocks + cfg.back_blocks) + 6 * cfg.num_pfrdb + (5 * cfg.graph_layers if cfg.lmga else 0)
+
+
+def _check_fits(cfg: MEGANConfig, config_path: str, weights_path: str) -> None:
+    """Refuses a config with more blocks than the weights file has tensors, before building it (a config with
+    ``back_blocks: 100000000`` would otherwise take minutes and gigabytes to fail)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(weights_path, "pt") as f:  # the header only
+            count = len(list(f.keys()))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+    if _min_tensors(cfg) > count:
+        raise CheckpointError(f"{config_path}: the config has more blocks than {os.path.basename(weights_path)} "
+                              f"has tensors ({count}); the weights do not fit this config")
+
+
+def check_weights(state: dict, source: str) -> None:
+    """Refuses weights a model cannot use: not dense floating-point tensors, or NaN/infinite in float32."""
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor) or v.layout != torch.strided or v.is_meta:
+            raise CheckpointError(f"{source}: tensor {k!r} is not a dense tensor with values "
+                                  f"({getattr(v, 'layout', type(v).__name__)}); expected plain weights")
+        if v.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise CheckpointError(f"{source}: tensor {k!r} has dtype {v.dtype}; expected floating-point weights")
+    broken = [k for k, v in state.items() if not bool(torch.isfinite(v.float()).all())]
+    if broken:
+        raise CheckpointError(f"{source}: {len(broken)} tensor(s) hold NaN or infinite weights in float32 "
+                              f"(e.g. {broken[0]!r}); the model would give garbage")
 
 
 def _write_text(path: str, text: str) -> None:
