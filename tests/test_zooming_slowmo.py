@@ -388,7 +388,7 @@ def test_files_a_model_cannot_use_are_refused_quickly(tmp_path):
         "meta": ({**base, "conv_first.bias": torch.empty(64, device="meta")}, "not a dense tensor"),
         "f64_overflow": ({**base, "conv_first.bias": base["conv_first.bias"].double().index_fill(0, torch.tensor([0]),
                                                                                                  1e300)},
-                         "NaN or infinite weights in float32"),
+                         r"NaN or infinite weights \(e.g. 'conv_first.bias'\) in float32"),
         "huge_nf": ({**base, "conv_first.weight": torch.empty(10**9, 0, 3, 3)}, "of another shape"),
         "nested": ({"state_dict": base}, "a training checkpoint"),
         "int_key": ({3: torch.zeros(1)}, "key 3 is a int"),

@@ -370,8 +370,8 @@ def check_weights(state: dict, source: str) -> None:
             raise CheckpointError(f"{source}: tensor {k!r} has dtype {v.dtype}; expected floating-point weights")
     broken = [k for k, v in state.items() if not bool(torch.isfinite(v.float()).all())]
     if broken:
-        raise CheckpointError(f"{source}: {len(broken)} tensor(s) hold NaN or infinite weights in float32 "
-                              f"(e.g. {broken[0]!r}); the model would give garbage")
+        raise CheckpointError(f"{source}: {len(broken)} tensor(s) hold NaN or infinite weights (e.g. {broken[0]!r}) "
+                              "in float32; the model would give garbage")
 
 
 def _write_text(path: str, text: str) -> None:
