@@ -189,6 +189,16 @@ def save_official(path, prefix="", **sizes) -> str:
     return str(path)
 
 
+def tiny_folder_with_config_edit(tmp_path, old: str, new: str) -> str:
+    """A tiny Zooming Slow-Mo model folder of ours whose config.json has ``old`` replaced by ``new``."""
+    folder = tmp_path / "zsm"
+    MEGAN(MEGANConfig.zooming_slowmo(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)).save_pretrained(folder)
+    cfg = folder / "config.json"
+    assert old in cfg.read_text()
+    cfg.write_text(cfg.read_text().replace(old, new))
+    return str(folder)
+
+
 def rel_l2(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -311,12 +321,8 @@ def test_a_megan_checkpoint_is_not_taken_for_the_other_architecture(tmp_path):
     with pytest.raises(CheckpointError, match="own names without its config.json"):
         load_model(tmp_path / "megan.pth")
     # and our folder of the Zooming Slow-Mo config is not a MEGAN one
-    MEGAN(MEGANConfig.zooming_slowmo(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)).save_pretrained(
-        tmp_path / "zsm")
-    cfg = tmp_path / "zsm" / "config.json"
-    cfg.write_text(cfg.read_text().replace('"lmga": false', '"lmga": true'))
     with pytest.raises(CheckpointError, match="missing"):
-        load_model(tmp_path / "zsm")
+        load_model(tiny_folder_with_config_edit(tmp_path, '"lmga": false', '"lmga": true'))
 
 
 # --------------------------------------------------------------------------- the commands take a .pth
@@ -376,12 +382,13 @@ def test_preset_config_round_trips_and_is_checked(tmp_path):
         MEGANConfig(lmga=1)
 
 
-def test_files_a_model_cannot_use_are_refused_quickly(tmp_path):
-    import time
-
+def test_files_a_model_cannot_use_are_refused(tmp_path):
     base = official_state_dict(**SMALL)
     cases = {
-        "stray_index": ({**base, "recon_trunk.3000000.conv1.weight": torch.zeros(1)}, "unexpected"),
+        # block counts come from the indices present (two: block 1's four tensors are missing), not a model
+        # of 3,000,001 blocks
+        "stray_index": ({**base, "recon_trunk.3000000.conv1.weight": torch.zeros(1)},
+                        r"tensors 4 missing \(.*\), 1 unexpected \('recon_trunk.3000000.conv1.weight'\)$"),
         "int": ({**base, "conv_first.weight": base["conv_first.weight"].long()}, "dtype torch.int64"),
         "complex": ({**base, "conv_first.bias": base["conv_first.bias"].to(torch.complex64)}, "dtype torch.complex64"),
         "sparse": ({**base, "conv_first.bias": base["conv_first.bias"].to_sparse()}, "not a dense tensor"),
@@ -395,18 +402,13 @@ def test_files_a_model_cannot_use_are_refused_quickly(tmp_path):
     }
     for name, (state, needle) in cases.items():
         torch.save(state, tmp_path / f"{name}.pth")
-        start = time.perf_counter()
         with pytest.raises(CheckpointError, match=needle):
             load_model(tmp_path / f"{name}.pth")
-        assert time.perf_counter() - start < 30, name  # no model of three million blocks is built
-    MEGAN(MEGANConfig.zooming_slowmo(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)).save_pretrained(
-        tmp_path / "zsm")
-    cfg = tmp_path / "zsm" / "config.json"
-    cfg.write_text(cfg.read_text().replace('"back_blocks": 1', '"back_blocks": 100000000'))
+    folder = tiny_folder_with_config_edit(tmp_path, '"back_blocks": 1', '"back_blocks": 100000000')
     with pytest.raises(CheckpointError, match="more blocks than model.safetensors has tensors"):
-        load_model(tmp_path / "zsm")
+        load_model(folder)
     with pytest.raises(CheckpointError, match="give the folder"):
-        load_model(tmp_path / "zsm" / "model.safetensors")
+        load_model(os.path.join(folder, "model.safetensors"))
 
 
 def test_overwrite_never_replaces_another_commands_file(tmp_path, capsys):
