@@ -1,6 +1,7 @@
 """GPU accuracy and speed of the Triton kernels against their peers, and whole-model figures.
 
     python benchmarks/gpu_summary.py [--only ceiling,attention,graph,model,training]
+    python benchmarks/gpu_summary.py --only ceiling,kernels    # issue 15's table, one call
 
 Sections (each prints a markdown table for docs/PERFORMANCE.md):
 - ceiling: a large bf16 matrix product and a device-to-device copy (the two
@@ -18,6 +19,13 @@ Sections (each prints a markdown table for docs/PERFORMANCE.md):
 - compiled: eager vs ``torch.compile(fullgraph=True)`` ("default" and
   "reduce-overhead", CUDA graphs) of a training step and of inference.
 - zsm: the model table for Zooming Slow-Mo (``MEGANConfig.zooming_slowmo()``).
+- kernels: the current Triton kernels (one-pass DCN backward, autotuned
+  blocks) against the previous generation (``MEGAN_FAST_TRITON_KERNELS=
+  previous``) and the peer (torchvision's CUDA DCN, SDPA), fp32/fp16/bf16,
+  with each case's floor (bytes at the measured copy bandwidth, FLOPs at the
+  measured bf16 matrix ceiling) and the fraction of it reached; the
+  accuracy of both generations against float64.  Autotuning runs in the
+  warm-up, outside the timed region.
 
 Every timing is the median of CUDA-event timings after warm-up
 (``triton.testing.do_bench``); peak memory is ``max_memory_allocated`` above
@@ -27,14 +35,14 @@ what was allocated before the call.  Exits 0 with a message without a GPU.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 from megan_fast import benchmarking
-from megan_fast.ops import graph_aggregate, nonlocal_attention, use_backend
+from megan_fast.ops import graph_aggregate, modulated_deform_conv2d, nonlocal_attention, use_backend
 from megan_fast.reference import graph_aggregate_reference as graph_reference
 
 
@@ -112,6 +120,121 @@ def attention(peak_tflops: float) -> None:
                 print(f"| {b} | {n:,} | {str(dtype)[6:]} | {'fwd+bwd' if backward else 'fwd'} | {t[0]:.3f} | "
                       f"{s[0]:.3f} | {s[0] / t[0]:.2f}x | {flops / t[0] / 1e9:.0f} ({flops / t[0] / 1e9 / peak_tflops:.0%}) "
                       f"| {flops / s[0] / 1e9:.0f} | {t[1]:.0f} | {s[1]:.0f} |", flush=True)
+
+
+# --------------------------------------------------------------------------- kernels (generations)
+
+
+def _generation(name: str):
+    os.environ["MEGAN_FAST_TRITON_KERNELS"] = name
+
+
+def _dcn_floor(case, dtype, backward: bool, ceil: dict) -> float:
+    """ms: max(bytes / copy bandwidth, FLOPs / bf16 matrix ceiling) of one DCN call."""
+    esize = torch.empty(0, dtype=dtype).element_size()
+    p = case.batch * case.height * case.width
+    k2 = case.kernel ** 2
+    c = case.channels
+    # input, offset, mask, output (+ grad_output read and grad input/offset/mask written)
+    elems = p * c + p * 2 * case.offset_groups * k2 + p * case.offset_groups * k2 + p * c
+    flops = 2 * p * k2 * c * c
+    if backward:
+        elems *= 2
+        flops *= 3
+    return max(elems * esize / (ceil["copy_tbs"] * 1e9), flops / (ceil["bf16_tflops"] * 1e9))
+
+
+def _attention_floor(b, n, dtype, backward: bool, ceil: dict) -> float:
+    esize = torch.empty(0, dtype=dtype).element_size()
+    elems = 4 * b * n * 32 * (2 if backward else 1)
+    flops = 4 * b * n * n * 32 * (3.5 if backward else 1.0)
+    peak = ceil["bf16_tflops"] * (1.0 if dtype != torch.float32 else 0.5 if torch.backends.cuda.matmul.allow_tf32
+                                  else 0.07)
+    return max(elems * esize / (ceil["copy_tbs"] * 1e9), flops / (peak * 1e9))
+
+
+def _timed(make_step, generation: str | None):
+    if generation is not None:
+        _generation(generation)
+    step = make_step()
+    step()  # autotuning (a new problem size) happens here, before any timing
+    torch.cuda.synchronize()
+    return bench_ms(step), benchmarking.cuda_peak_mib(step)
+
+
+def kernels(ceil: dict) -> None:
+    print("\n### Triton kernel generations vs peers (ms; floor = max(bytes / "
+          f"{ceil['copy_tbs']:.2f} TB/s, FLOPs / {ceil['bf16_tflops']:.0f} TFLOP/s); peak MiB)")
+    print("| op | case | dtype | pass | current | previous | peer | current vs peer | current vs previous | "
+          "floor | current / floor | current MiB | peer MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    try:
+        for case in benchmarking.DCN_CASES:
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                for backward in (False, True):
+                    inputs = benchmarking.dcn_inputs(case, device="cuda", dtype=dtype, requires_grad=backward)
+                    res = {g: _timed(lambda: benchmarking.dcn_step("triton", inputs, backward), g)
+                           for g in ("current", "previous")}
+                    peer = (_timed(lambda: benchmarking.dcn_step("stock", inputs, backward), None)
+                            if dtype != torch.bfloat16 else (float("nan"), float("nan")))
+                    _row("DCN", case.name, dtype, backward, res, peer, _dcn_floor(case, dtype, backward, ceil))
+        for b, n in ((4, 1024), (4, 7168), (1, 57600)):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                for backward in (False, True):
+                    qkv = benchmarking.attention_inputs(n, b=b, device="cuda", dtype=dtype, requires_grad=backward)
+                    qkv = tuple((t.detach() * 0.4).requires_grad_(backward) for t in qkv)
+                    res = {g: _timed(lambda: benchmarking.attention_step("triton", qkv, backward), g)
+                           for g in ("current", "previous")}
+                    peer = _timed(lambda: benchmarking.attention_step("stock", qkv, backward), None)
+                    _row("attention", f"b{b} n={n:,}", dtype, backward, res, peer,
+                         _attention_floor(b, n, dtype, backward, ceil))
+        _kernel_accuracy()
+    finally:
+        _generation("current")
+
+
+def _row(op, case, dtype, backward, res, peer, floor) -> None:
+    cur, prev = res["current"], res["previous"]
+    print(f"| {op} | {case} | {str(dtype)[6:]} | {'fwd+bwd' if backward else 'fwd'} | {cur[0]:.3f} | {prev[0]:.3f} "
+          f"| {peer[0]:.3f} | {peer[0] / cur[0]:.2f}x | {prev[0] / cur[0]:.2f}x | {floor:.3f} | "
+          f"{cur[0] / floor:.1f}x | {cur[1]:.0f} | {peer[1]:.0f} |", flush=True)
+
+
+def _kernel_accuracy() -> None:
+    print("\n### accuracy of both generations (rel. L2 error vs float64; DCN b16 32x32, attention b2 n=1000)")
+    print("| op | dtype | generation | out | grads (max over inputs) |\n|---|---|---|---|---|")
+    case = benchmarking.DCN_CASES[1]
+    exact = benchmarking.dcn_inputs(case, device="cuda", dtype=torch.float64, requires_grad=True)
+    keys = ("input", "offset", "weight", "bias", "mask")
+
+    def dcn(inputs, backend):
+        with use_backend(backend):
+            out = modulated_deform_conv2d(inputs["input"], inputs["offset"], inputs["weight"], inputs["bias"], 1, 1,
+                                          1, inputs["mask"])
+        g = torch.autograd.grad(out, [inputs[k] for k in keys], torch.ones_like(out) / out.numel() ** 0.5)
+        return out, g
+
+    ref_out, ref_g = dcn(exact, "stock")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 1000, 32, device="cuda", dtype=torch.float64, generator=g) for _ in range(3))
+    go = torch.randn(2, 1000, 32, device="cuda", dtype=torch.float64, generator=g)
+    qx, kx, vx = (t.clone().requires_grad_(True) for t in (q * 0.4, k, v))
+    aref = benchmarking.attention_explicit(qx, kx, vx)
+    aref_g = torch.autograd.grad(aref, (qx, kx, vx), go)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for gen in ("current", "previous"):
+            _generation(gen)
+            inputs = {kk: t.detach().to(dtype).requires_grad_(True) for kk, t in exact.items()}
+            out, grads = dcn(inputs, "triton")
+            print(f"| DCN | {str(dtype)[6:]} | {gen} | {rel(out, ref_out):.2e} | "
+                  f"{max(rel(a, b) for a, b in zip(grads, ref_g)):.2e} |")
+            qs, ks, vs = (t.detach().to(dtype).requires_grad_(True) for t in (qx, kx, vx))
+            with use_backend("triton"):
+                out = nonlocal_attention(qs, ks, vs, 1.0)
+            grads = torch.autograd.grad(out, (qs, ks, vs), go.to(dtype))
+            print(f"| attention | {str(dtype)[6:]} | {gen} | {rel(out, aref):.2e} | "
+                  f"{max(rel(a, b) for a, b in zip(grads, aref_g)):.2e} |", flush=True)
+    _generation("current")
 
 
 # --------------------------------------------------------------------------- graph
@@ -298,11 +421,11 @@ def main() -> int:
 
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}")
     parts = set(args.only.split(","))
-    peak = 989.0
+    ceil = {"bf16_tflops": 989.0, "copy_tbs": 3.35}  # datasheet values until "ceiling" has measured them
     failed = False
     sections = [
         ("ceiling", lambda: ceiling()),
-        ("attention", lambda: attention(peak)),
+        ("attention", lambda: attention(ceil["bf16_tflops"])),
         ("graph", graph),
         ("model", lambda: (model_check(), model_inference())),
         ("training", training),
@@ -310,6 +433,7 @@ def main() -> int:
         ("profile", profile),
         ("compiled", compiled),
         ("zsm", lambda: model_inference("zooming_slowmo")),
+        ("kernels", lambda: kernels(ceil)),
     ]
     for name, fn in sections:
         if name not in parts:
@@ -317,7 +441,7 @@ def main() -> int:
         try:
             result = fn()
             if name == "ceiling":
-                peak = result["bf16_tflops"]
+                ceil = result
         except Exception:  # keep going: one broken section must not hide the others' figures
             failed = True
             print(f"\n[{name}] FAILED:\n{traceback.format_exc()}", flush=True)

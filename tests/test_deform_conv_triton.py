@@ -16,8 +16,11 @@ import torch
 
 torchvision = pytest.importorskip("torchvision")
 
-from _triton_util import DEVICE, cuda_only  # noqa: E402  (skips without Triton / interpreter)
+from _triton_util import DEVICE, cuda_only, launched_kernels  # noqa: E402  (skips without Triton / interpreter)
+from _triton_util import kernel_generation  # noqa: E402,F401  (fixture: current and previous kernels)
 from megan_fast.triton import deform_conv as tdc  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("kernel_generation")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -285,6 +288,28 @@ def test_int64_index_path(monkeypatch):
     monkeypatch.setattr(tdc, "numel_needs_int64", lambda *tensors: True)
     pr = make_problem(c_in=4, c_out=5, og=2, dtype=torch.float64)
     _call(lambda: check_against_torchvision(pr))
+
+
+@pytest.mark.parametrize("case, direct", [("base", True), ("groups2_og1", False)])
+def test_generation_runs_its_backward_kernels(monkeypatch, kernel_generation, case, direct):
+    # current: one sampling pass (offset / mask gradients stored when a chunk is a whole offset
+    # group, atomics otherwise); previous: the data kernel then the weight kernel.
+    names = launched_kernels(monkeypatch, tdc)
+    pr = make_problem(**CASES[case], dtype=torch.float64)
+    geo = tdc._geometry(pr["input"], pr["offset"], pr["weight"], pr["stride"], pr["padding"], pr["dilation"])
+    assert (geo["chunk_base"] == geo["Cpo"]) == direct
+    check_against_torchvision(pr)
+    if kernel_generation == "current":
+        assert names == ["_dcn_fwd_kernel", "_dcn_bwd_one_pass_kernel"]
+    else:
+        assert names == ["_dcn_fwd_kernel", "_dcn_bwd_data_kernel", "_dcn_bwd_weight_kernel"]
+
+
+def test_generation_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("MEGAN_FAST_TRITON_KERNELS", "newest")
+    pr = make_problem(dtype=torch.float32)
+    with pytest.raises(ValueError, match="MEGAN_FAST_TRITON_KERNELS must be one of current, previous"):
+        triton_result(pr, torch.zeros(2, 6, 5, 6, device=DEVICE))
 
 
 # --------------------------------------------------------------------------- CUDA only

@@ -15,10 +15,37 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["INTERPRET", "dot", "expect", "launch", "num_sms", "numel_needs_int64", "runnable", "strided_needs_int64"]
+__all__ = [
+    "INTERPRET", "KERNELS_ENV", "dot", "exact_products", "expect", "kernel_generation", "launch", "num_sms",
+    "numel_needs_int64", "runnable", "strided_needs_int64",
+]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once: triton reads it at import too
 INT32_LIMIT = 2**31 - 1
+KERNELS_ENV = "MEGAN_FAST_TRITON_KERNELS"
+_GENERATIONS = ("current", "previous")
+
+
+def kernel_generation() -> str:
+    """Which generation of the Triton kernels the launchers run, from ``MEGAN_FAST_TRITON_KERNELS``
+    (read at every call): ``current`` (default; docs/DESIGN.md, "Triton kernels: one-pass DCN backward and
+    autotuning") or ``previous`` (the kernels measured in docs/PERFORMANCE.md before them, kept reachable
+    for comparison until the new ones are measured on a GPU)."""
+    value = os.environ.get(KERNELS_ENV, "current").strip().lower() or "current"
+    if value not in _GENERATIONS:
+        raise ValueError(f"{KERNELS_ENV} must be one of {', '.join(_GENERATIONS)}, got {value!r}")
+    return value
+
+
+def exact_products(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether fp32/fp64 tiles go through ``tl.dot`` as exact IEEE products: always for float64 and on the
+    interpreter; for float32 on a GPU unless the user allowed TF32 (``torch.backends.cuda.matmul.allow_tf32``,
+    as torch's own matmuls do).  fp16/bf16 tiles are products in their own type either way (False)."""
+    if dtype == torch.float64:
+        return True
+    if dtype != torch.float32:
+        return False
+    return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
 
 
 @triton.jit

@@ -79,7 +79,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megan_fast.triton._utils import dot, expect, launch, num_sms, numel_needs_int64, runnable
+from megan_fast.triton._utils import (
+    dot, exact_products, expect, kernel_generation, launch, num_sms, numel_needs_int64, runnable,
+)
 
 __all__ = ["deform_conv2d_forward", "deform_conv2d_backward"]
 
@@ -404,6 +406,151 @@ def _dcn_bwd_weight_kernel(
     tl.store(part_ptr + part_off, acc, mask=(r < KC)[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _dcn_bwd_one_pass_kernel(
+    gout_ptr, x_ptr, off_ptr, msk_ptr, w_ptr,
+    gin_ptr, goff_ptr, gmsk_ptr, part_ptr,
+    P, C, H, W, Ho, Wo, Co, Cg, Cog, KC, Cpo, OG, KW, K, PIX_PER_SPLIT,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_MASK: tl.constexpr, IEEE: tl.constexpr, CDT: tl.constexpr, INT64: tl.constexpr,
+    DIRECT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Every gradient from one sampling pass: grid = (SPLIT, cdiv(K*Cg, BLOCK_K), G).
+
+    A program owns reduction tile r = [r0, r0 + BLOCK_K) of group g, keeps its
+    weight slice Wt[g, r, :] ([BLOCK_K, BLOCK_N], BLOCK_N >= Cog) and its
+    weight-gradient tile in registers, and walks over the pixel tiles of
+    split s (PIX_PER_SPLIT pixels, a multiple of BLOCK_P).  Per pixel tile it
+    loads grad_output once, forms grad_cols = gout @ Wt^T, gathers the four
+    bilinear corners once and derives from them
+      grad_input  (4 fp32 atomics per element into the channels-last buffer),
+      grad_offset / grad_mask (channel sums reduced in registers per chunk;
+                   DIRECT: the chunk is the whole offset group, so the sum is
+                   complete and is stored, no atomics, no zero-filled buffer),
+      grad_weight (cols^T @ gout accumulated in registers, one partial per
+                   split, summed on the host: deterministic).
+    """
+    NCHUNK: tl.constexpr = BLOCK_K // CHUNK
+    s = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    g = tl.program_id(2)
+    HoWo = Ho * Wo
+    r0 = pid_k * BLOCK_K
+    r = r0 + tl.arange(0, BLOCK_K)
+    r_ok = r < KC
+    n = tl.arange(0, BLOCK_N)
+    n_ok = n < Cog
+    wt = tl.load(w_ptr + (g * KC + r[:, None]) * Cog + n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    wtt = tl.trans(wt)
+    c_ok, k, og, ce = _decode_chunks(r0, g, KC, Cg, Cpo, NCHUNK, CHUNK)
+    acc_w = tl.zeros((BLOCK_K, BLOCK_N), dtype=CDT)
+    tiles = PIX_PER_SPLIT // BLOCK_P
+    t_start = s * tiles
+    t_end = tl.minimum(t_start + tiles, tl.cdiv(P, BLOCK_P))
+    for t in range(t_start, t_end):
+        p_ok, b, pix, oy, ox = _decode_pixels(t, P, HoWo, Wo, BLOCK_P, INT64)
+        go = tl.load(
+            gout_ptr + (b[:, None] * Co + g * Cog + n[None, :]) * HoWo + pix[:, None],
+            mask=p_ok[:, None] & n_ok[None, :], other=0.0,
+        )
+        gcol3 = tl.reshape(dot(go, wtt, None, IEEE), (BLOCK_P, NCHUNK, CHUNK))
+
+        b3 = b[:, None, None]
+        live = p_ok[:, None, None] & c_ok[None, :, None]
+        ly, lx, y0, x0, m, ok, inside, obase, mbase = _sample_points(
+            off_ptr, msk_ptr, b3, pix[:, None, None], oy[:, None, None], ox[:, None, None], live,
+            k[None, :, None], og[None, :, None], H, W, HoWo, KW, K, OG,
+            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CDT,
+        )
+        f00, f01, f10, f11 = _corner_flags(y0, x0, H, W)
+        hy = 1.0 - ly
+        hx = 1.0 - lx
+        a00 = ((b3 * H + y0) * W + x0) * C + g * Cg + ce[None, :, :]
+        # The one gather: corner values without the early-out (the offset gradient needs
+        # them at y = -1 exactly); the early-out is applied to the bilinear value below.
+        v00 = tl.load(x_ptr + a00, mask=f00, other=0.0).to(CDT)
+        v01 = tl.load(x_ptr + a00 + C, mask=f01, other=0.0).to(CDT)
+        v10 = tl.load(x_ptr + a00 + W * C, mask=f10, other=0.0).to(CDT)
+        v11 = tl.load(x_ptr + a00 + (W * C + C), mask=f11, other=0.0).to(CDT)
+
+        # ---- grad_input
+        gm = gcol3 * m
+        tl.atomic_add(gin_ptr + a00, gm * (hy * hx), mask=f00 & inside, sem="relaxed")
+        tl.atomic_add(gin_ptr + a00 + C, gm * (hy * lx), mask=f01 & inside, sem="relaxed")
+        tl.atomic_add(gin_ptr + a00 + W * C, gm * (ly * hx), mask=f10 & inside, sem="relaxed")
+        tl.atomic_add(gin_ptr + a00 + (W * C + C), gm * (ly * lx), mask=f11 & inside, sem="relaxed")
+
+        # ---- grad_offset / grad_mask
+        g_dy = tl.sum(gm * (lx * (v11 - v01) + hx * (v10 - v00)), axis=2, keep_dims=True)
+        g_dx = tl.sum(gm * (ly * (v11 - v10) + hy * (v01 - v00)), axis=2, keep_dims=True)
+        val = hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11
+        if DIRECT:
+            # Dead points (outside, NaN) get an exact 0, whatever grad_output holds.
+            tl.store(goff_ptr + obase, tl.where(ok, g_dy, 0.0).to(goff_ptr.dtype.element_ty), mask=live)
+            tl.store(goff_ptr + obase + HoWo, tl.where(ok, g_dx, 0.0).to(goff_ptr.dtype.element_ty), mask=live)
+        else:
+            tl.atomic_add(goff_ptr + obase, g_dy, mask=ok, sem="relaxed")
+            tl.atomic_add(goff_ptr + obase + HoWo, g_dx, mask=ok, sem="relaxed")
+        if HAS_MASK:
+            g_m = tl.sum(gcol3 * val, axis=2, keep_dims=True)
+            if DIRECT:
+                tl.store(gmsk_ptr + mbase, tl.where(inside, g_m, 0.0).to(gmsk_ptr.dtype.element_ty), mask=live)
+            else:
+                tl.atomic_add(gmsk_ptr + mbase, g_m, mask=inside, sem="relaxed")
+
+        # ---- grad_weight: the forward's column tile, rebuilt from the same corners
+        cols = tl.reshape(tl.where(inside, m * val, 0.0), (BLOCK_P, BLOCK_K))
+        acc_w = dot(tl.trans(cols.to(go.dtype)), go, acc_w, IEEE)
+    part_off = ((s * tl.num_programs(2) + g) * KC + r[:, None]) * Cog + n[None, :]
+    tl.store(part_ptr + part_off, acc_w, mask=r_ok[:, None] & n_ok[None, :])
+
+
+# ---- autotuned entry points (CUDA, current generation)
+#
+# CHUNK follows from the geometry and BLOCK_K, so it is a heuristic under the
+# autotuner: every config gets its own.  DIRECT is decided on the host (it
+# fixes how the gradient buffers are allocated) and holds in every config.  The config lists hold the hand-picked settings of the
+# previous generation plus neighbours; all compile for sm_90 without register
+# spills (benchmarks/sm90_compile.py).  Autotuning benchmarks each config on the
+# first call of a new problem size: warm up outside timed and captured regions
+# (torch.compile's reduce-overhead does, with its eager warm-up runs).
+
+
+def _chunk_of(args: dict) -> int:
+    return min(_pow2_factor(math.gcd(args["Cg"], args["Cpo"])), args["BLOCK_K"])
+
+
+_CHUNK_HEURISTICS = {"CHUNK": _chunk_of}
+_TUNE_KEY = ["P", "C", "H", "W", "Co", "Cg", "KC", "Cpo", "HAS_MASK", "IEEE"]
+
+
+def _configs(tiles) -> list:
+    """triton.Config for every (BLOCK_P, BLOCK_K, num_warps, num_stages)."""
+    return [triton.Config(dict(BLOCK_P=bp, BLOCK_K=bk), num_warps=nw, num_stages=ns) for bp, bk, nw, ns in tiles]
+
+
+_dcn_fwd_chunked = triton.heuristics(_CHUNK_HEURISTICS)(_dcn_fwd_kernel)
+_dcn_fwd_tuned = triton.autotune(_configs([
+    (64, 32, 8, 2), (64, 32, 8, 3), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2), (128, 16, 8, 3),
+]), key=_TUNE_KEY)(_dcn_fwd_chunked)
+_dcn_bwd_one_pass = triton.heuristics(_CHUNK_HEURISTICS)(_dcn_bwd_one_pass_kernel)
+_dcn_bwd_one_pass_tuned = triton.autotune(_configs([
+    (32, 32, 8, 1), (32, 32, 8, 2), (64, 16, 8, 1), (64, 16, 8, 2), (32, 16, 4, 2), (64, 32, 16, 1),
+]), key=_TUNE_KEY, reset_to_zero=["gin_ptr", "goff_ptr", "gmsk_ptr"])(_dcn_bwd_one_pass)
+
+
+def _tuned(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the launchers run the autotuned entry points (CUDA, not float64, current generation)."""
+    return device.type == "cuda" and dtype != torch.float64 and kernel_generation() == "current"
+
+
+# Every split of the one-pass backward covers a multiple of the largest BLOCK_P above.
+_SPLIT_PIXELS = 128
+# Largest output-channel count per group the one-pass backward holds in one tile.
+_ONE_PASS_MAX_COG = 128
+
+
 # =============================================================================
 # Host side
 # =============================================================================
@@ -540,19 +687,23 @@ def deform_conv2d_forward(
     mask_c = mask.contiguous() if mask is not None else None
     bias_c = bias.contiguous() if bias is not None else None
     wt = _permuted_weight(weight, geo)
-    cfg = _fwd_config(geo, device, dtype)
-    chunk = _chunk(geo, cfg["BLOCK_K"])
-    grid = (triton.cdiv(geo["P"], cfg["BLOCK_P"]), triton.cdiv(geo["Cog"], cfg["BLOCK_N"]), geo["G"])
     args = (x, offset, mask_c if mask_c is not None else offset, wt, bias_c if bias_c is not None else wt, out,
             *_conv_args(geo), *geo["conv"])
     meta = dict(
         HAS_MASK=mask_c is not None, HAS_BIAS=bias_c is not None,
-        IEEE=dtype in (torch.float32, torch.float64), CDT=_compute_dtype(dtype),
+        IEEE=exact_products(dtype, device), CDT=_compute_dtype(dtype),
         INT64=numel_needs_int64(x, offset, out),
-        BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], CHUNK=chunk,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    launch(_dcn_fwd_kernel, grid, args, meta, "deform_conv2d", dtype, device)
+    if _tuned(device, dtype):
+        bn = _next_pow2_clamped(geo["Cog"], 16, 128)
+        grid = lambda cfg: (triton.cdiv(geo["P"], cfg["BLOCK_P"]), triton.cdiv(geo["Cog"], bn), geo["G"])  # noqa: E731
+        launch(_dcn_fwd_tuned, grid, args, dict(meta, BLOCK_N=bn), "deform_conv2d", dtype, device)
+        return out
+    cfg = _fwd_config(geo, device, dtype)
+    grid = (triton.cdiv(geo["P"], cfg["BLOCK_P"]), triton.cdiv(geo["Cog"], cfg["BLOCK_N"]), geo["G"])
+    meta.update(BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch(_dcn_fwd_chunked, grid, args, meta, "deform_conv2d", dtype, device)
     return out
 
 
@@ -588,11 +739,62 @@ def deform_conv2d_backward(
     mask_c = mask.contiguous() if mask is not None else None
     wt = _permuted_weight(weight, geo)
     int64 = numel_needs_int64(x, offset_c, gout)
-    common = dict(HAS_MASK=mask_c is not None, IEEE=dtype in (torch.float32, torch.float64),
+    common = dict(HAS_MASK=mask_c is not None, IEEE=exact_products(dtype, device),
                   CDT=_compute_dtype(dtype), INT64=int64)
-
-    # ---- grad_input / grad_offset / grad_mask (atomics into fp32 / fp64 buffers)
     gin = torch.zeros(geo["B"], geo["H"], geo["W"], geo["C"], dtype=acc_dtype, device=device)
+    if kernel_generation() == "current" and geo["Cog"] <= _ONE_PASS_MAX_COG:
+        goff, gmsk, gw = _backward_one_pass(gout, x, offset_c, mask_c, wt, gin, geo, common, device, dtype)
+    else:
+        goff, gmsk, gw = _backward_two_pass(gout, x, offset_c, mask_c, wt, gin, geo, common, device, dtype)
+    # (G, K, Cg, Cog) -> (G, Cog, Cg, K) -> (Co, Cg, KH, KW)
+    gw = gw.view(geo["G"], geo["K"], geo["Cg"], geo["Cog"]).permute(0, 3, 2, 1)
+    grad_weight = torch.empty_like(weight).copy_(gw.reshape(weight.shape))
+    grad_input = torch.empty_like(input).copy_(gin.permute(0, 3, 1, 2))
+    grad_offset = _like(goff, offset)
+    grad_mask = _like(gmsk, mask) if mask is not None else input.new_empty(0)
+    return grad_input, grad_offset, grad_weight, grad_mask
+
+
+def _backward_one_pass(gout, x, offset_c, mask_c, wt, gin, geo, common, device, dtype):
+    """(grad_offset, grad_mask or None, grad_weight as (G, K*Cg, Cog)) by :func:`_dcn_bwd_one_pass_kernel`;
+    grad_input accumulates into gin."""
+    acc_dtype = gin.dtype
+    # DIRECT when a chunk is a whole offset group in every config (all have BLOCK_K >= 16): then every
+    # offset / mask gradient is stored exactly once, in the offset's dtype, into an unfilled buffer.
+    direct = geo["chunk_base"] == geo["Cpo"] <= 16
+    make = torch.empty if direct else torch.zeros
+    out_dtype = offset_c.dtype if direct else acc_dtype
+    goff = make(offset_c.shape, dtype=out_dtype, device=device)
+    gmsk = make(mask_c.shape, dtype=out_dtype, device=device) if mask_c is not None else goff
+    tuned = _tuned(device, dtype)
+    if tuned:
+        # ~4 programs per SM (counted at BLOCK_K = 32), each over runs of _SPLIT_PIXELS pixels.
+        runs = triton.cdiv(geo["P"], _SPLIT_PIXELS)
+        split = max(1, min(runs, triton.cdiv(4 * num_sms(device), triton.cdiv(geo["KC"], 32) * geo["G"])))
+        pix_per_split = triton.cdiv(runs, split) * _SPLIT_PIXELS
+    else:
+        pix_per_split = 32  # interpreter (BLOCK_P = 16): several splits of two tiles on tiny problems
+    split = triton.cdiv(geo["P"], pix_per_split)
+    part = torch.empty(split, geo["G"], geo["KC"], geo["Cog"], dtype=acc_dtype, device=device)
+    args = (gout, x, offset_c, mask_c if mask_c is not None else offset_c, wt, gin, goff, gmsk, part,
+            *_conv_args(geo), pix_per_split, *geo["conv"])
+    meta = dict(common, DIRECT=direct, BLOCK_N=_next_pow2_clamped(geo["Cog"], 16, _ONE_PASS_MAX_COG))
+    if tuned:
+        grid = lambda cfg: (split, triton.cdiv(geo["KC"], cfg["BLOCK_K"]), geo["G"])  # noqa: E731
+        launch(_dcn_bwd_one_pass_tuned, grid, args, meta, "deform_conv2d", dtype, device)
+    else:
+        meta.update(BLOCK_P=16, BLOCK_K=16, num_warps=4, num_stages=1)
+        launch(_dcn_bwd_one_pass, (split, triton.cdiv(geo["KC"], 16), geo["G"]), args, meta,
+               "deform_conv2d", dtype, device)
+    gw = part.sum(0) if split > 1 else part[0]
+    return goff, (gmsk if mask_c is not None else None), gw
+
+
+def _backward_two_pass(gout, x, offset_c, mask_c, wt, gin, geo, common, device, dtype):
+    """The previous generation: :func:`_dcn_bwd_data_kernel` then :func:`_dcn_bwd_weight_kernel` (which samples
+    the columns again)."""
+    acc_dtype = gin.dtype
+    # ---- grad_input / grad_offset / grad_mask (atomics into fp32 / fp64 buffers)
     goff = torch.zeros(offset_c.shape, dtype=acc_dtype, device=device)
     gmsk = torch.zeros(mask_c.shape, dtype=acc_dtype, device=device) if mask_c is not None else goff
     cfg = _bwd_data_config(geo, device, dtype)
@@ -626,11 +828,4 @@ def deform_conv2d_backward(
                 CHUNK=_chunk(geo, cfg["BLOCK_K"]), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     launch(_dcn_bwd_weight_kernel, grid, args, meta, "deform_conv2d", dtype, device)
     gw = part.sum(0) if split > 1 else part[0]
-    # (G, K, Cg, Cog) -> (G, Cog, Cg, K) -> (Co, Cg, KH, KW)
-    gw = gw.view(geo["G"], geo["K"], geo["Cg"], geo["Cog"]).permute(0, 3, 2, 1)
-    grad_weight = torch.empty_like(weight).copy_(gw.reshape(weight.shape))
-
-    grad_input = torch.empty_like(input).copy_(gin.permute(0, 3, 1, 2))
-    grad_offset = _like(goff, offset)
-    grad_mask = _like(gmsk, mask) if mask is not None else input.new_empty(0)
-    return grad_input, grad_offset, grad_weight, grad_mask
+    return goff, (gmsk if mask_c is not None else None), gw

@@ -95,7 +95,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megan_fast.triton._utils import dot, expect, launch, num_sms, runnable, strided_needs_int64
+from megan_fast.triton._utils import (
+    dot, exact_products, expect, kernel_generation, launch, num_sms, runnable, strided_needs_int64,
+)
 
 __all__ = ["nonlocal_attention_forward", "nonlocal_attention_backward"]
 
@@ -422,7 +424,7 @@ def _nla_bwd_dq_step(
 
 @triton.jit
 def _nla_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, o_ptr,
     N, M,
     stride_qb, stride_qn, stride_qd,
     stride_kb, stride_km, stride_kd,
@@ -430,14 +432,18 @@ def _nla_bwd_dq_kernel(
     stride_dob, stride_don, stride_dod,
     stride_lb, stride_ln,
     stride_dqb, stride_dqn, stride_dqd,
+    stride_ob, stride_on, stride_od,
     qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IEEE: tl.constexpr, CDT: tl.constexpr, INT64: tl.constexpr,
+    IEEE: tl.constexpr, CDT: tl.constexpr, INT64: tl.constexpr, COMPUTE_DELTA: tl.constexpr,
 ):
     """dQ rows [pid_q * BLOCK_Q, +BLOCK_Q) of batch pid_b, over all keys (M = 0: dQ = 0).
 
-    grid = (cdiv(N, BLOCK_Q), B).
+    grid = (cdiv(N, BLOCK_Q), B).  COMPUTE_DELTA (current generation): the
+    program also computes D = rowsum(dO * O) of its rows from the dO tile it
+    holds anyway and stores it for the dK/dV kernel, launched after it; the
+    separate preprocessing kernel (previous generation) is not needed.
     """
     MASK_D: tl.constexpr = D < BLOCK_D
     MASK_DV: tl.constexpr = DV < BLOCK_DV
@@ -462,7 +468,13 @@ def _nla_bwd_dq_kernel(
                     q_ok, dv_ok, True, MASK_DV)
     # Masked query rows: lse2 = +inf -> p = 0 (their dQ rows are not stored anyway).
     lse2 = _lse_log2(lse_ptr + pid_b * stride_lb + offs_q * stride_ln, q_ok, True, CDT)
-    delta = _load_rows(delta_ptr + pid_b * N + offs_q, q_ok, True, CDT)
+    if COMPUTE_DELTA:
+        o = _load_tile(o_ptr + pid_b * stride_ob + offs_q[:, None] * stride_on + offs_dv[None, :] * stride_od,
+                       q_ok, dv_ok, True, MASK_DV)
+        delta = tl.sum(o.to(CDT) * do.to(CDT), 1)
+        tl.store(delta_ptr + pid_b * N + offs_q, delta, mask=q_ok)
+    else:
+        delta = _load_rows(delta_ptr + pid_b * N + offs_q, q_ok, True, CDT)
     k_base = k_ptr + pid_b * stride_kb
     v_base = v_ptr + pid_b * stride_vb
 
@@ -481,6 +493,54 @@ def _nla_bwd_dq_kernel(
 
     _store_tile(dq_ptr + pid_b * stride_dqb + offs_q[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
                 dq * scale, q_ok, d_ok, MASK_D)
+
+
+# ---- autotuned entry points (CUDA, current generation)
+#
+# Candidate blocks for head dims up to 64 (MEGAN: 32), fp16/bf16 and fp32 (exact
+# or TF32 products) alike: the autotuner times each on the first call of a new
+# (N, M, D, DV, IEEE, dtype) and keeps the fastest.  Each list holds the
+# previous generation's hand-picked blocks; at d = 32 none of the fp16/bf16
+# tiles spills registers for sm_90 (benchmarks/sm90_compile.py).  Warm up outside timed and captured
+# regions: the first call of a new size benchmarks every config.
+_TUNE_KEY = ["N", "M", "D", "DV", "IEEE"]
+# Exact fp32 products (Triton's IEEE fp32 dot) need far more registers than
+# tensor-core ones: on sm_90 they spill in every tile above 32 x 32 (and in the
+# dq / dkdv 32 x 32 ones), so exact fp32 is tuned over its own small tiles.
+_EXACT_AREA = 1024
+
+
+def _configs(tiles) -> list:
+    """triton.Config for every (BLOCK_Q, BLOCK_KV, num_warps, num_stages)."""
+    return [triton.Config(dict(BLOCK_Q=bq, BLOCK_KV=bkv), num_warps=nw, num_stages=ns) for bq, bkv, nw, ns in tiles]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Exact fp32 (IEEE) keeps the small tiles, tensor-core products the others."""
+    exact = bool(kwargs.get("IEEE"))
+    return [c for c in configs if (c.kwargs["BLOCK_Q"] * c.kwargs["BLOCK_KV"] <= _EXACT_AREA) == exact]
+
+
+def _tune(tiles):
+    return triton.autotune(_configs(tiles), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+
+
+_nla_fwd_tuned = _tune([
+    (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 32, 4, 2), (64, 128, 4, 2),
+    (32, 32, 4, 2), (32, 16, 4, 2), (16, 32, 4, 2),
+])(_nla_fwd_kernel)
+_nla_bwd_dq_delta_tuned = _tune([
+    (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2),
+    (32, 16, 4, 2), (16, 32, 4, 2),
+])(_nla_bwd_dq_kernel)
+_nla_bwd_dkdv_tuned = _tune([
+    (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 3), (32, 128, 4, 2),
+    (32, 16, 4, 2), (16, 32, 4, 2),
+])(_nla_bwd_dkdv_kernel)
+
+
+def _tuned(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and dtype != torch.float64 and kernel_generation() == "current"
 
 
 # =============================================================================
@@ -524,13 +584,13 @@ def _head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(max(d, 1)))
 
 
-# Block configurations.  CPU (interpreter): tiny tiles, so that the small test
-# problems span several blocks (online-softmax rescaling, tails) and numpy
-# temporaries stay small.  CUDA: chosen for MEGAN's head dim 32 and measured on
-# an H100 (docs/PERFORMANCE.md, "Kernels vs their peers"); fp32 goes through
-# exact (not TF32) fp32 products with smaller tiles.  float64 runs on CPU only
-# (the public op refuses it on GPUs).  No triton.autotune: its benchmarking
-# syncs the host on every new key and does not mix with CUDA-graph capture.
+# Fixed block configurations.  CPU (interpreter): tiny tiles, so that the small
+# test problems span several blocks (online-softmax rescaling, tails) and numpy
+# temporaries stay small.  CUDA: the previous generation's blocks, chosen for
+# MEGAN's head dim 32 and measured on an H100 (docs/PERFORMANCE.md, "Kernels vs
+# their peers"), also used by the current generation for head dims above 64
+# (the autotuned lists above are for d <= 64).  float64 runs on CPU only (the
+# public op refuses it on GPUs).
 _CPU_CFG = dict(BLOCK_Q=16, BLOCK_KV=16, num_warps=4, num_stages=1)
 
 
@@ -584,20 +644,22 @@ def nonlocal_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) ->
     if b == 0 or n == 0:
         return out, lse
     bd, bdv = _head_block(d), _head_block(dv)
-    cfg = _fwd_config(device, dtype, bd, bdv, b, n)
     qk_hi, qk_lo = _split_f32(float(scale) * _LOG2E)
-    grid = (triton.cdiv(n, cfg["BLOCK_Q"]), b)
     args = (
         q, k, v, out, lse, n, m,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         qk_hi, qk_lo,
     )
-    meta = dict(
-        D=d, DV=dv, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_KV=cfg["BLOCK_KV"], BLOCK_D=bd, BLOCK_DV=bdv,
-        IEEE=dtype in (torch.float32, torch.float64), CDT=_compute_dtype(dtype), INT64=strided_needs_int64(q, k, v, out),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    launch(_nla_fwd_kernel, grid, args, meta, "nonlocal_attention", dtype, device)
+    meta = dict(D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, IEEE=exact_products(dtype, device), CDT=_compute_dtype(dtype),
+                INT64=strided_needs_int64(q, k, v, out))
+    if _tuned(device, dtype) and max(bd, bdv) <= 64:
+        grid = lambda cfg: (triton.cdiv(n, cfg["BLOCK_Q"]), b)  # noqa: E731
+        launch(_nla_fwd_tuned, grid, args, meta, "nonlocal_attention", dtype, device)
+        return out, lse
+    cfg = _fwd_config(device, dtype, bd, bdv, b, n)
+    meta.update(BLOCK_Q=cfg["BLOCK_Q"], BLOCK_KV=cfg["BLOCK_KV"], num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
+    launch(_nla_fwd_kernel, (triton.cdiv(n, cfg["BLOCK_Q"]), b), args, meta, "nonlocal_attention", dtype, device)
     return out, lse
 
 
@@ -621,40 +683,49 @@ def nonlocal_attention_backward(
     if grad_out.dtype != dtype:
         grad_out = grad_out.to(dtype)
     bd, bdv = _head_block(d), _head_block(dv)
-    cfg = _bwd_config(device, dtype, bd, bdv, b, n, m)
     cdt = _compute_dtype(dtype)
     int64 = strided_needs_int64(q, k, v, grad_out, out)
-    ieee = dtype in (torch.float32, torch.float64)
     qk_hi, qk_lo = _split_f32(float(scale) * _LOG2E)
     s_hi, s_lo = _split_f32(float(scale))
-    common = dict(D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, IEEE=ieee, CDT=cdt, INT64=int64,
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-    # ---- D = rowsum(dO * O)
+    common = dict(D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, IEEE=exact_products(dtype, device), CDT=cdt, INT64=int64)
     delta = torch.empty(b, n, dtype=_acc_dtype(dtype), device=device)
+    head = (q, k, v, grad_out, lse, delta)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride())
+    dkdv_args = (*head, grad_k, grad_v, n, m, *strides, *grad_k.stride(), *grad_v.stride(), qk_hi, qk_lo, s_hi, s_lo)
+    dq_args = (*head, grad_q, out, n, m, *strides, *grad_q.stride(), *out.stride(), qk_hi, qk_lo, s_hi, s_lo)
+
+    if _tuned(device, dtype) and max(bd, bdv) <= 64:
+        # dQ first: it also writes D = rowsum(dO * O), which the dK / dV kernel reads.
+        launch(_nla_bwd_dq_delta_tuned, lambda cfg: (triton.cdiv(n, cfg["BLOCK_Q"]), b), dq_args,
+               dict(common, COMPUTE_DELTA=True), "nonlocal_attention", dtype, device)
+        if m > 0:
+            launch(_nla_bwd_dkdv_tuned, lambda cfg: (triton.cdiv(m, cfg["BLOCK_KV"]), b), dkdv_args, common,
+                   "nonlocal_attention", dtype, device)
+        return grad_q, grad_k, grad_v
+
+    cfg = _bwd_config(device, dtype, bd, bdv, b, n, m)
+    common.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if kernel_generation() == "current":
+        # Interpreter (and head dims above 64): the current kernels with fixed blocks.
+        launch(_nla_bwd_dq_kernel, (triton.cdiv(n, cfg["BLOCK_Q_DQ"]), b), dq_args,
+               dict(common, BLOCK_Q=cfg["BLOCK_Q_DQ"], BLOCK_KV=cfg["BLOCK_KV_DQ"], COMPUTE_DELTA=True),
+               "nonlocal_attention", dtype, device)
+        if m > 0:
+            launch(_nla_bwd_dkdv_kernel, (triton.cdiv(m, cfg["BLOCK_KV"]), b), dkdv_args,
+                   dict(common, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_KV=cfg["BLOCK_KV"]), "nonlocal_attention", dtype, device)
+        return grad_q, grad_k, grad_v
+
+    # ---- previous generation: D = rowsum(dO * O) by its own kernel, then dK / dV, then dQ
     launch(
         _nla_bwd_preprocess_kernel, (triton.cdiv(n, cfg["BLOCK_PRE"]), b),
         (out, grad_out, delta, n, *out.stride(), *grad_out.stride()),
         dict(DV=dv, BLOCK_Q=cfg["BLOCK_PRE"], BLOCK_DV=bdv, CDT=cdt, INT64=int64, num_warps=4),
         "nonlocal_attention", dtype, device,
     )
-    head = (q, k, v, grad_out, lse, delta)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride())
-
-    # ---- dK, dV: one program per key block
     if m > 0:
-        launch(
-            _nla_bwd_dkdv_kernel, (triton.cdiv(m, cfg["BLOCK_KV"]), b),
-            (*head, grad_k, grad_v, n, m, *strides, *grad_k.stride(), *grad_v.stride(), qk_hi, qk_lo, s_hi, s_lo),
-            dict(common, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_KV=cfg["BLOCK_KV"]),
-            "nonlocal_attention", dtype, device,
-        )
-
-    # ---- dQ: one program per query block (m = 0: the loop is empty, dQ = 0)
-    launch(
-        _nla_bwd_dq_kernel, (triton.cdiv(n, cfg["BLOCK_Q_DQ"]), b),
-        (*head, grad_q, n, m, *strides, *grad_q.stride(), qk_hi, qk_lo, s_hi, s_lo),
-        dict(common, BLOCK_Q=cfg["BLOCK_Q_DQ"], BLOCK_KV=cfg["BLOCK_KV_DQ"]),
-        "nonlocal_attention", dtype, device,
-    )
+        launch(_nla_bwd_dkdv_kernel, (triton.cdiv(m, cfg["BLOCK_KV"]), b), dkdv_args,
+               dict(common, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_KV=cfg["BLOCK_KV"]), "nonlocal_attention", dtype, device)
+    launch(_nla_bwd_dq_kernel, (triton.cdiv(n, cfg["BLOCK_Q_DQ"]), b), dq_args,
+           dict(common, BLOCK_Q=cfg["BLOCK_Q_DQ"], BLOCK_KV=cfg["BLOCK_KV_DQ"], COMPUTE_DELTA=False),
+           "nonlocal_attention", dtype, device)
     return grad_q, grad_k, grad_v

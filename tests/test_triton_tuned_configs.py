@@ -1,0 +1,71 @@
+"""Every config the autotuner may pick (megan_fast/triton/, CUDA, current generation) gives the right
+result: each is run alone (an autotuner with one config does not benchmark, so it also runs under the
+interpreter) through the launchers' tuned path, against torchvision / the explicit formula in float64.
+The invariants the launchers rely on are checked on the config lists themselves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _triton_util import DEVICE  # noqa: E402  (skips without Triton / interpreter)
+from megan_fast.triton import deform_conv as tdc  # noqa: E402
+from megan_fast.triton import nonlocal_attention as tna  # noqa: E402
+
+torchvision = pytest.importorskip("torchvision")
+
+from test_deform_conv_triton import CASES, check_against_torchvision, make_problem  # noqa: E402
+from test_nonlocal_attention_triton import NAMES, TOL, expected, problem, triton_all  # noqa: E402
+
+
+def _only(monkeypatch, tuner, config):
+    monkeypatch.setattr(tuner, "configs", [config])
+    tuner.cache.clear()
+
+
+def test_dcn_config_invariants():
+    for c in tdc._dcn_bwd_one_pass_tuned.configs:
+        # splits are runs of _SPLIT_PIXELS pixels: whole tiles; DIRECT assumes BLOCK_K >= 16
+        assert tdc._SPLIT_PIXELS % c.kwargs["BLOCK_P"] == 0 and c.kwargs["BLOCK_K"] >= 16, c
+    for c in tdc._dcn_fwd_tuned.configs:
+        assert c.kwargs["BLOCK_K"] >= 16, c
+
+
+@pytest.mark.parametrize("which", ["forward", "backward"])
+@pytest.mark.parametrize("case", ["base", "groups2_og1", "wide"])
+def test_every_dcn_config(monkeypatch, which, case):
+    monkeypatch.setenv("MEGAN_FAST_TRITON_KERNELS", "current")
+    monkeypatch.setattr(tdc, "_tuned", lambda device, dtype: True)
+    tuner, other = tdc._dcn_fwd_tuned, tdc._dcn_bwd_one_pass_tuned
+    if which == "backward":
+        tuner, other = other, tuner
+    _only(monkeypatch, other, other.configs[0])  # each pass runs both kernels: the other one pinned
+    for config in list(tuner.configs):
+        _only(monkeypatch, tuner, config)
+        check_against_torchvision(make_problem(**CASES[case], dtype=torch.float64))
+
+
+def test_attention_prune_splits_exact_and_tensor_core_tiles():
+    for tuner in (tna._nla_fwd_tuned, tna._nla_bwd_dq_delta_tuned, tna._nla_bwd_dkdv_tuned):
+        exact = tna._prune(tuner.configs, {}, IEEE=True)
+        fast = tna._prune(tuner.configs, {}, IEEE=False)
+        assert exact and fast and len(exact) + len(fast) == len(tuner.configs)
+        assert all(c.kwargs["BLOCK_Q"] * c.kwargs["BLOCK_KV"] <= tna._EXACT_AREA for c in exact)
+
+
+@pytest.mark.parametrize("kernel", ["forward", "dq", "dkdv"])
+def test_every_attention_config(monkeypatch, kernel):
+    monkeypatch.setenv("MEGAN_FAST_TRITON_KERNELS", "current")
+    monkeypatch.setattr(tna, "_tuned", lambda device, dtype: True)
+    tuners = {"forward": tna._nla_fwd_tuned, "dq": tna._nla_bwd_dq_delta_tuned, "dkdv": tna._nla_bwd_dkdv_tuned}
+    tuner = tuners.pop(kernel)
+    for other in tuners.values():  # every pass runs all three kernels: the others pinned
+        _only(monkeypatch, other, other.configs[0])
+    q, k, v = problem(b=2, n=37, m=150, d=5, dv=7)
+    grad_out = torch.randn(2, 37, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    want = expected(q, k, v, 0.6, grad_out)
+    for config in list(tuner.configs):
+        _only(monkeypatch, tuner, config)
+        for name, a, e in zip(NAMES, triton_all(q, k, v, 0.6, grad_out), want):
+            torch.testing.assert_close(a, e, rtol=TOL[torch.float64], atol=TOL[torch.float64],
+                                       msg=lambda m, n=name, c=config: f"{n} with {c}: {m}")
