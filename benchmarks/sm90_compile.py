@@ -53,7 +53,12 @@ def compile_one(kernel, values: dict, constexprs: dict, num_warps: int, num_stag
         else:
             v = values[name]
             signature[name] = _TYPES[v] if isinstance(v, torch.dtype) else ("fp32" if isinstance(v, float) else "i32")
-    src = ASTSource(fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    # As Triton's launcher specialises them: pointers (16-byte aligned allocations) and ints divisible by 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name not in constexprs and (isinstance(values[name], torch.dtype)
+                                            or (isinstance(values[name], int) and values[name] % 16 == 0))}
+    src = ASTSource(fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:

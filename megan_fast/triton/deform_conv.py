@@ -536,7 +536,7 @@ _dcn_fwd_tuned = triton.autotune(_configs([
 ]), key=_TUNE_KEY)(_dcn_fwd_chunked)
 _dcn_bwd_one_pass = triton.heuristics(_CHUNK_HEURISTICS)(_dcn_bwd_one_pass_kernel)
 _dcn_bwd_one_pass_tuned = triton.autotune(_configs([
-    (32, 32, 8, 1), (32, 32, 8, 2), (64, 16, 8, 1), (64, 16, 8, 2), (32, 16, 4, 2), (64, 32, 16, 1),
+    (32, 32, 8, 1), (64, 16, 8, 1), (64, 16, 8, 2), (32, 16, 4, 2), (64, 32, 16, 1),
 ]), key=_TUNE_KEY, reset_to_zero=["gin_ptr", "goff_ptr", "gmsk_ptr"])(_dcn_bwd_one_pass)
 
 
