@@ -1,12 +1,8 @@
 """Zooming Slow-Mo as a member of the model family, and its official checkpoint format.
 
-The official network is written out here a second time, independently of
-megan_fast.models: its tensor names from the module definitions of the
-authors' ``LunaTokis`` (facts: names, shapes, forward order), and its forward
-as plain functional code over a state dict with those names, with
-torchvision's DCN, F.interpolate and two separate ConvLSTM passes.  Our
-model, given the same file through ``load_model``, must compute the same
-frames.
+The official network is written out a second time in tests/_official.py,
+independently of megan_fast.models; our model, given the same file through
+``load_model``, must compute the same frames.
 """
 
 from __future__ import annotations
@@ -18,166 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _official import official_forward, official_shapes, official_state_dict
 from megan_fast.cli.main import main
 from megan_fast.errors import CheckpointError
 from megan_fast.models import MEGAN, MEGANConfig, load_model
 from megan_fast.ops import use_backend
 
 torchvision = pytest.importorskip("torchvision")
-
-
-# --------------------------------------------------------------------------- the official network, written out
-
-
-def official_shapes(nf=64, front=5, back=40, groups=8) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the official file with its shape, from the module definitions."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def conv(name, cin, cout, k=3):
-        shapes[f"{name}.weight"] = (cout, cin, k, k)
-        shapes[f"{name}.bias"] = (cout,)
-
-    def pcd(prefix):
-        for j in ("1", "2"):
-            conv(f"{prefix}.L3_offset_conv1_{j}", 2 * nf, nf)
-            conv(f"{prefix}.L3_offset_conv2_{j}", nf, nf)
-            for lvl in ("3", "2", "1"):
-                if lvl != "3":
-                    conv(f"{prefix}.L{lvl}_offset_conv1_{j}", 2 * nf, nf)
-                    conv(f"{prefix}.L{lvl}_offset_conv2_{j}", 2 * nf, nf)
-                    conv(f"{prefix}.L{lvl}_offset_conv3_{j}", nf, nf)
-                    conv(f"{prefix}.L{lvl}_fea_conv_{j}", 2 * nf, nf)
-                conv(f"{prefix}.L{lvl}_dcnpack_{j}", nf, nf)  # DCN_sep weight and bias
-                conv(f"{prefix}.L{lvl}_dcnpack_{j}.conv_offset_mask", nf, 3 * groups * 9)
-
-    def pyramid(prefix):
-        for lvl in ("2", "3"):
-            conv(f"{prefix}fea_L{lvl}_conv1", nf, nf)
-            conv(f"{prefix}fea_L{lvl}_conv2", nf, nf)
-
-    conv("conv_first", 3, nf)
-    for i in range(front):
-        conv(f"feature_extraction.{i}.conv1", nf, nf)
-        conv(f"feature_extraction.{i}.conv2", nf, nf)
-    pyramid("")
-    pcd("pcd_align")
-    conv("fusion", 2 * nf, nf, 1)
-    for s in ("h", "c"):
-        pyramid(f"ConvBLSTM.forward_net.pcd_{s}.")
-        pcd(f"ConvBLSTM.forward_net.pcd_{s}.pcd_align")
-        conv(f"ConvBLSTM.forward_net.pcd_{s}.fusion", 2 * nf, nf, 1)
-    conv("ConvBLSTM.forward_net.cell_list.0.conv", 2 * nf, 4 * nf)
-    conv("ConvBLSTM.conv_1x1", 2 * nf, nf, 1)
-    for i in range(back):
-        conv(f"recon_trunk.{i}.conv1", nf, nf)
-        conv(f"recon_trunk.{i}.conv2", nf, nf)
-    conv("upconv1", nf, 4 * nf)
-    conv("upconv2", nf, 4 * 64)
-    conv("HRconv", 64, 64)
-    conv("conv_last", 64, 3)
-    return shapes
-
-
-def official_state_dict(seed=0, **sizes) -> dict[str, torch.Tensor]:
-    """Random weights under the official names; every offset conv off its zero init, so the offsets matter."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in official_shapes(**sizes).items():
-        fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 16
-        scale = (0.5 if "conv_offset_mask" in name else 1.0) / fan_in ** 0.5
-        state[name] = torch.randn(shape, generator=gen) * scale
-    return state
-
-
-def official_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, groups: int) -> torch.Tensor:
-    """The official forward, written from its description, on a state dict with the official names."""
-    from torchvision.ops import deform_conv2d
-
-    lrelu = lambda t: F.leaky_relu(t, 0.1)  # noqa: E731
-    up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)  # noqa: E731
-
-    def conv(name, t, padding=None):
-        w = sd[f"{name}.weight"]
-        return F.conv2d(t, w, sd[f"{name}.bias"], padding=w.shape[-1] // 2 if padding is None else padding)
-
-    def conv_s2(name, t):
-        return F.conv2d(t, sd[f"{name}.weight"], sd[f"{name}.bias"], stride=2, padding=1)
-
-    def resblock(name, t):
-        return t + conv(f"{name}.conv2", F.relu(conv(f"{name}.conv1", t)))
-
-    def dcn_sep(name, t, fea):
-        o1, o2, m = torch.chunk(conv(f"{name}.conv_offset_mask", fea), 3, dim=1)
-        return deform_conv2d(t, torch.cat((o1, o2), 1), sd[f"{name}.weight"], sd[f"{name}.bias"], padding=1,
-                             mask=torch.sigmoid(m))
-
-    def pyramid(prefix, l1):
-        l2 = lrelu(conv(f"{prefix}fea_L2_conv2", lrelu(conv_s2(f"{prefix}fea_L2_conv1", l1))))
-        l3 = lrelu(conv(f"{prefix}fea_L3_conv2", lrelu(conv_s2(f"{prefix}fea_L3_conv1", l2))))
-        return [l1, l2, l3]
-
-    def pcd_align(p, fea1, fea2):
-        out = []
-        for j, (a, b) in (("1", (fea1, fea2)), ("2", (fea2, fea1))):
-            off3 = lrelu(conv(f"{p}.L3_offset_conv2_{j}", lrelu(conv(f"{p}.L3_offset_conv1_{j}", torch.cat([a[2], b[2]], 1)))))
-            fea3 = lrelu(dcn_sep(f"{p}.L3_dcnpack_{j}", a[2], off3))
-            off2 = lrelu(conv(f"{p}.L2_offset_conv1_{j}", torch.cat([a[1], b[1]], 1)))
-            off2 = lrelu(conv(f"{p}.L2_offset_conv2_{j}", torch.cat([off2, up(off3) * 2], 1)))
-            off2 = lrelu(conv(f"{p}.L2_offset_conv3_{j}", off2))
-            fea2_ = lrelu(conv(f"{p}.L2_fea_conv_{j}", torch.cat([dcn_sep(f"{p}.L2_dcnpack_{j}", a[1], off2), up(fea3)], 1)))
-            off1 = lrelu(conv(f"{p}.L1_offset_conv1_{j}", torch.cat([a[0], b[0]], 1)))
-            off1 = lrelu(conv(f"{p}.L1_offset_conv2_{j}", torch.cat([off1, up(off2) * 2], 1)))
-            off1 = lrelu(conv(f"{p}.L1_offset_conv3_{j}", off1))
-            out.append(conv(f"{p}.L1_fea_conv_{j}", torch.cat([dcn_sep(f"{p}.L1_dcnpack_{j}", a[0], off1), up(fea2_)], 1)))
-        return torch.cat(out, 1)
-
-    def easy_pcd(prefix, f1, f2):
-        b = f1.shape[0]
-        levels = pyramid(f"{prefix}.", torch.stack([f1, f2], 1).flatten(0, 1))
-        fea1 = [lvl.view(b, 2, *lvl.shape[1:])[:, 0] for lvl in levels]
-        fea2 = [lvl.view(b, 2, *lvl.shape[1:])[:, 1] for lvl in levels]
-        return conv(f"{prefix}.fusion", pcd_align(f"{prefix}.pcd_align", fea1, fea2), padding=0)
-
-    def lstm(seq):
-        h = torch.zeros_like(seq[:, 0])
-        c = torch.zeros_like(seq[:, 0])
-        outs = []
-        for t in range(seq.shape[1]):
-            xt = seq[:, t]
-            h_t = easy_pcd("ConvBLSTM.forward_net.pcd_h", xt, h)
-            c_t = easy_pcd("ConvBLSTM.forward_net.pcd_c", xt, c)
-            gi, gf, go, gg = torch.split(conv("ConvBLSTM.forward_net.cell_list.0.conv", torch.cat([xt, h_t], 1)),
-                                         h.shape[1], 1)
-            c = torch.sigmoid(gf) * c_t + torch.sigmoid(gi) * torch.tanh(gg)
-            h = torch.sigmoid(go) * torch.tanh(c)
-            outs.append(h)
-        return torch.stack(outs, 1)
-
-    b, n, _, hh, ww = x.shape
-    ph, pw = (-hh) % 4, (-ww) % 4  # the official test script: zeros at the bottom and right, cropped back
-    xp = F.pad(x.flatten(0, 1), (0, pw, 0, ph)).view(b, n, 3, hh + ph, ww + pw)
-    H, W = hh + ph, ww + pw
-    l1 = lrelu(conv("conv_first", xp.flatten(0, 1)))
-    for i in range(sum(1 for k in sd if k.startswith("feature_extraction.") and k.endswith("conv1.weight"))):
-        l1 = resblock(f"feature_extraction.{i}", l1)
-    levels = [lvl.view(b, n, *lvl.shape[1:]) for lvl in pyramid("", l1)]
-    seq = []
-    for i in range(n - 1):
-        fea1, fea2 = [lvl[:, i] for lvl in levels], [lvl[:, i + 1] for lvl in levels]
-        if i == 0:
-            seq.append(fea1[0])
-        seq.append(conv("fusion", pcd_align("pcd_align", fea1, fea2), padding=0))
-        seq.append(fea2[0])
-    seq = torch.stack(seq, 1)
-    fwd, rev = lstm(seq), lstm(seq.flip(1)).flip(1)
-    t = seq.shape[1]
-    feats = conv("ConvBLSTM.conv_1x1", torch.cat([fwd, rev], 2).flatten(0, 1), padding=0)
-    for i in range(sum(1 for k in sd if k.startswith("recon_trunk.") and k.endswith("conv1.weight"))):
-        feats = resblock(f"recon_trunk.{i}", feats)
-    out = lrelu(F.pixel_shuffle(conv("upconv1", feats), 2))
-    out = lrelu(F.pixel_shuffle(conv("upconv2", out), 2))
-    out = conv("conv_last", lrelu(conv("HRconv", out)))
-    return out.view(b, t, 3, 4 * H, 4 * W)[..., : 4 * hh, : 4 * ww]
 
 
 SMALL = dict(nf=64, front=2, back=1, groups=8)  # nf 64: the official upconv2, HRconv and conv_last are 64 wide for any nf

@@ -78,7 +78,7 @@ def compute_dtype(device, name: str):
     return dtype
 
 
-CHECKPOINT_HELP = ("model folder (config.json + model.safetensors) or an official Zooming Slow-Mo .pth file "
+CHECKPOINT_HELP = ("model folder (config.json + model.safetensors) or an official Zooming Slow-Mo or TMNet .pth file "
                    "(read with weights_only=True)")
 
 

@@ -1,6 +1,6 @@
 """``megan-fast convert SRC OUT_DIR``: a checkpoint in this package's format (config.json + model.safetensors).
 
-SRC is an official Zooming Slow-Mo ``.pth`` file (read with
+SRC is an official Zooming Slow-Mo or TMNet ``.pth`` file (read with
 ``weights_only=True``) or a model folder; OUT_DIR is written as a whole,
 atomically (a temporary folder renamed into place), and is checked before
 anything is read (:mod:`megan_fast.outputs`).
@@ -20,8 +20,8 @@ MODEL_KIND = outputs.Kind("model folder", folder=True, entries=r"config\.json|mo
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "convert",
-        help="write a checkpoint (e.g. the official Zooming Slow-Mo .pth) as a model folder of this package",
-        description="Reads SRC (an official Zooming Slow-Mo .pth state dict, with or without DataParallel's "
+        help="write a checkpoint (e.g. an official Zooming Slow-Mo or TMNet .pth) as a model folder of this package",
+        description="Reads SRC (an official Zooming Slow-Mo or TMNet .pth state dict, with or without DataParallel's "
         "'module.' prefix, or a model folder) and writes OUT_DIR with config.json and model.safetensors, which "
         "every command's --checkpoint and MEGAN.from_pretrained take.",
     )
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     with out.atomic_folder() as tmp:
         model.save_pretrained(tmp)
     cfg = model.config
-    arch = "Zooming Slow-Mo" if not (cfg.lmga or cfg.nonlocal_blocks or cfg.num_pfrdb) else "MEGAN"
+    arch = cfg.family_name
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out_dir}: {arch}, {params:,} parameters (nf {cfg.nf}, {cfg.front_blocks} + "
           f"{cfg.back_blocks} residual blocks)")

@@ -54,6 +54,28 @@ class FeaturePyramid(nn.Module):
         return l1, l2, l3
 
 
+class TimeModulation(nn.Module):
+    """TMNet's temporal modulation block: features(x) * time_mlp(t), added to a PCD level's offset features.
+
+    ``time_mlp``: three 1x1 convs without bias (1 -> nf -> nf -> nf), each
+    followed by a leaky ReLU, over the time mapped to [-1, 1] (one value per
+    sample, shape (b, 1, 1, 1)): a per-channel modulation vector.
+    ``features``: two 3x3 convs with leaky ReLUs over the offset features.
+    """
+
+    def __init__(self, nf: int = 64) -> None:
+        super().__init__()
+        self.time_mlp = nn.Sequential(
+            nn.Conv2d(1, nf, 1, bias=False), nn.LeakyReLU(0.1),
+            nn.Conv2d(nf, nf, 1, bias=False), nn.LeakyReLU(0.1),
+            nn.Conv2d(nf, nf, 1, bias=False), nn.LeakyReLU(0.1),
+        )
+        self.features = nn.Sequential(conv3x3(nf, nf), nn.LeakyReLU(0.1), conv3x3(nf, nf), nn.LeakyReLU(0.1))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.features(x) * self.time_mlp(t)
+
+
 class PyramidAlign(nn.Module):
     """One direction of PCD alignment: aligns pyramid ``a`` towards pyramid ``b``.
 
@@ -63,7 +85,7 @@ class PyramidAlign(nn.Module):
     samples ``a``; aligned features are merged with the upsampled coarser result.
     """
 
-    def __init__(self, nf: int = 64, deformable_groups: int = 8) -> None:
+    def __init__(self, nf: int = 64, deformable_groups: int = 8, time_modulation: bool = False) -> None:
         super().__init__()
         self.l3_offset_conv1 = conv3x3(2 * nf, nf)
         self.l3_offset_conv2 = conv3x3(nf, nf)
@@ -79,19 +101,30 @@ class PyramidAlign(nn.Module):
         self.l1_offset_conv3 = conv3x3(nf, nf)
         self.l1_dcn = DCNPack(nf, nf, 3, padding=1, deformable_groups=deformable_groups)
         self.l1_fea_conv = conv3x3(2 * nf, nf)
+        # TMNet: one temporal modulation per level, added to the level's offset features.
+        tm = (lambda: TimeModulation(nf)) if time_modulation else (lambda: None)
+        self.l3_time, self.l2_time, self.l1_time = tm(), tm(), tm()
 
-    def forward(self, a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        offset = lrelu(self.l3_offset_conv1(torch.cat((a[2], b[2]), 1)))
-        offset = lrelu(self.l3_offset_conv2(offset))
+    def forward(self, a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor],
+                t: Tensor | None = None) -> Tensor:
+        """``t`` (time modulation only): the time mapped to [-1, 1], shape (batch, 1, 1, 1)."""
+        offset_in = lrelu(self.l3_offset_conv1(torch.cat((a[2], b[2]), 1)))
+        offset = lrelu(self.l3_offset_conv2(offset_in))
+        if t is not None:
+            offset = offset + self.l3_time(offset_in, t)
         fea = lrelu(self.l3_dcn(a[2], offset))
         levels = (
-            (1, self.l2_offset_conv1, self.l2_offset_conv2, self.l2_offset_conv3, self.l2_dcn, self.l2_fea_conv),
-            (0, self.l1_offset_conv1, self.l1_offset_conv2, self.l1_offset_conv3, self.l1_dcn, self.l1_fea_conv),
+            (1, self.l2_offset_conv1, self.l2_offset_conv2, self.l2_offset_conv3, self.l2_dcn, self.l2_fea_conv,
+             self.l2_time),
+            (0, self.l1_offset_conv1, self.l1_offset_conv2, self.l1_offset_conv3, self.l1_dcn, self.l1_fea_conv,
+             self.l1_time),
         )
-        for i, conv1, conv2, conv3, dcn, fea_conv in levels:
+        for i, conv1, conv2, conv3, dcn, fea_conv, time in levels:
             new_offset = lrelu(conv1(torch.cat((a[i], b[i]), 1)))
             new_offset = lrelu(conv2(torch.cat((new_offset, upsample_bilinear2x(offset, 2.0)), 1)))
             offset = lrelu(conv3(new_offset))
+            if t is not None:
+                offset = offset + time(new_offset, t)
             fea = fea_conv(torch.cat((dcn(a[i], offset), upsample_bilinear2x(fea)), 1))
             if i == 1:  # level 2's features go through a leaky ReLU, level 1's (the output) do not
                 fea = lrelu(fea)
@@ -106,14 +139,20 @@ class PCDAlign(nn.Module):
     feature between them (Zooming Slow-Mo's frame feature interpolation).
     """
 
-    def __init__(self, nf: int = 64, deformable_groups: int = 8) -> None:
+    def __init__(self, nf: int = 64, deformable_groups: int = 8, time_modulation: bool = False) -> None:
         super().__init__()
-        self.align_1to2 = PyramidAlign(nf, deformable_groups)
-        self.align_2to1 = PyramidAlign(nf, deformable_groups)
+        self.align_1to2 = PyramidAlign(nf, deformable_groups, time_modulation)
+        self.align_2to1 = PyramidAlign(nf, deformable_groups, time_modulation)
         self.fusion = nn.Conv2d(2 * nf, nf, 1)
 
-    def forward(self, f1, f2) -> Tensor:
-        return self.fusion(torch.cat((self.align_1to2(f1, f2), self.align_2to1(f2, f1)), 1))
+    def forward(self, f1, f2, t: Tensor | None = None) -> Tensor:
+        """``t`` (TMNet's time modulation only): the time of the feature to make, in (0, 1), shape
+        (batch, 1, 1, 1).  The f1 -> f2 branch is modulated by t, the f2 -> f1 branch by 1 - t, each mapped
+        to [-1, 1] (x / 0.5 - 1, as the official code does)."""
+        if t is None:
+            return self.fusion(torch.cat((self.align_1to2(f1, f2), self.align_2to1(f2, f1)), 1))
+        forward, backward = t / 0.5 - 1, (1 - t) / 0.5 - 1
+        return self.fusion(torch.cat((self.align_1to2(f1, f2, forward), self.align_2to1(f2, f1, backward)), 1))
 
 
 class EasyPCD(nn.Module):
@@ -193,6 +232,41 @@ class DeformableConvLSTM(nn.Module):
         return self.fusion(fused.reshape(b * t, 2 * c, hh, ww)).reshape(b, t, c, hh, ww)
 
 
+class NeighbourComparison(nn.Module):
+    """TMNet's "non-linear comparison" before the ConvLSTM: each frame feature plus what its neighbours add.
+
+    For every frame feature f_i of the sequence, its previous and next
+    neighbours (the frame itself at the ends) are aligned to it by a DCN
+    whose offset features are two 3x3 convs over cat(neighbour, f_i); the
+    three maps (previous aligned, f_i, next aligned) are fused by four 1x1
+    convs (3nf -> 3nf x 3 with leaky ReLUs -> nf) and added to f_i.
+    All frames at once.  Shape: (b, T, nf, h, w) -> same.
+    """
+
+    def __init__(self, nf: int = 64, deformable_groups: int = 8) -> None:
+        super().__init__()
+
+        def offsets() -> nn.Sequential:
+            return nn.Sequential(conv3x3(2 * nf, nf), nn.LeakyReLU(0.1), conv3x3(nf, nf))
+
+        self.offset_prev, self.offset_next = offsets(), offsets()
+        self.dcn_prev = DCNPack(nf, nf, 3, padding=1, deformable_groups=deformable_groups)
+        self.dcn_next = DCNPack(nf, nf, 3, padding=1, deformable_groups=deformable_groups)
+        self.fusion = nn.Sequential(
+            nn.Conv2d(3 * nf, 3 * nf, 1), nn.LeakyReLU(0.1), nn.Conv2d(3 * nf, 3 * nf, 1), nn.LeakyReLU(0.1),
+            nn.Conv2d(3 * nf, 3 * nf, 1), nn.LeakyReLU(0.1), nn.Conv2d(3 * nf, nf, 1),
+        )
+
+    def forward(self, seq: Tensor) -> Tensor:
+        b, t, c, h, w = seq.shape
+        prev = torch.cat((seq[:, :1], seq[:, :-1]), 1).reshape(b * t, c, h, w)
+        nxt = torch.cat((seq[:, 1:], seq[:, -1:]), 1).reshape(b * t, c, h, w)
+        cur = seq.reshape(b * t, c, h, w)
+        prev = lrelu(self.dcn_prev(prev, self.offset_prev(torch.cat((prev, cur), 1))))
+        nxt = lrelu(self.dcn_next(nxt, self.offset_next(torch.cat((nxt, cur), 1))))
+        return seq + self.fusion(torch.cat((prev, cur, nxt), 1)).reshape(b, t, c, h, w)
+
+
 class PFRDB(nn.Module):
     """Progressive fusion residual dense block over T frames (weights shared over frames).
 
@@ -227,8 +301,11 @@ class Reconstruction(nn.Module):
         self.conv_hr = conv3x3(nf, nf)
         self.conv_last = conv3x3(nf, out_channels)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+        """``skip`` (TMNet): features added to the trunk's output before the upsampling."""
         x = self.trunk(x)
+        if skip is not None:
+            x = x + skip
         x = lrelu(self.pixel_shuffle(self.upconv1(x)))
         x = lrelu(self.pixel_shuffle(self.upconv2(x)))
         return self.conv_last(lrelu(self.conv_hr(x)))

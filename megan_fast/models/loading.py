@@ -1,12 +1,14 @@
-"""One entry point for weights: a model folder of ours, or the official Zooming Slow-Mo ``.pth`` file.
+"""One entry point for weights: a model folder of ours, or an official Zooming Slow-Mo or TMNet ``.pth`` file.
 
-The official network (Xiang et al., CVPR 2020, ``LunaTokis`` in the authors'
-code) is ``MEGANConfig.zooming_slowmo()`` of this family; its released file
-is a plain state dict whose key names are the authors' module names.  This
-module knows those names (facts about the released file, docs/DESIGN.md
-section 3) and renames them to ours; the arithmetic is the same layer for
-layer (its ``DCN_sep`` offsets are the first two thirds of
-``conv_offset_mask``, in torchvision's layout, as ours are).
+The official Zooming Slow-Mo network (Xiang et al., CVPR 2020, ``LunaTokis``
+in the authors' code) is ``MEGANConfig.zooming_slowmo()`` of this family, and
+TMNet (Xu et al., CVPR 2021, ``TMNet``), which builds on it, is
+``MEGANConfig.tmnet()``; their released files are plain state dicts whose
+key names are the authors' module names.  This module knows those names
+(facts about the released files, docs/DESIGN.md section 3) and renames them
+to ours; the arithmetic is the same layer for layer (their ``DCN_sep``
+offsets are the first two thirds of ``conv_offset_mask``, in torchvision's
+layout, as ours are).
 """
 
 from __future__ import annotations
@@ -49,10 +51,15 @@ def _pyramid_names(official: str, ours: str) -> dict[str, str]:
             for lvl in ("2", "3") for k in ("1", "2")}
 
 
-def official_names(front_blocks: int = 5, back_blocks: int = 40) -> dict[str, str]:
-    """Every tensor name of the official file -> its name in :class:`MEGAN` (``MEGANConfig.zooming_slowmo()``).
+def official_names(front_blocks: int = 5, back_blocks: int = 40, tmnet: bool = False) -> dict[str, str]:
+    """Every tensor name of an official file -> its name in :class:`MEGAN`.
 
-    416 names for the released network (5 front and 40 back residual blocks).
+    Zooming Slow-Mo (``MEGANConfig.zooming_slowmo()``): 416 names for the
+    released network (5 front and 40 back residual blocks).  ``tmnet``
+    (``MEGANConfig.tmnet()``): 482, its temporal modulation blocks
+    (``pcd_align.TMB_A_l1`` .. ``TMB_B_l3``) and its neighbour comparison
+    (``layersAtBOffset``, ``layersAtB``, ``layersCtBOffset``, ``layersCtB``,
+    ``layersFusion``) added.
     """
     modules = {"conv_first": "features.conv_first", "fusion": "interpolation.fusion",
                "ConvBLSTM.forward_net.cell_list.0.conv": "convlstm.cell", "ConvBLSTM.conv_1x1": "convlstm.fusion",
@@ -71,7 +78,25 @@ def official_names(front_blocks: int = 5, back_blocks: int = 40) -> dict[str, st
         modules.update(_pyramid_names(official, f"{ours}.pyramid"))
         modules.update(_pcd_names(f"{official}.pcd_align", f"{ours}.pcd"))
         modules[f"{official}.fusion"] = f"{ours}.pcd.fusion"
-    return {f"{a}.{p}": f"{b}.{p}" for a, b in modules.items() for p in ("weight", "bias")}
+    weight_only = {}
+    if tmnet:
+        # TMB_A modulates the first frame's branch (suffix _1), TMB_B the second's (_2).
+        for branch, direction in (("A", "align_1to2"), ("B", "align_2to1")):
+            for lvl in ("1", "2", "3"):
+                official, ours = f"pcd_align.TMB_{branch}_l{lvl}", f"interpolation.{direction}.l{lvl}_time"
+                for i in ("0", "2", "4"):  # the time MLP's 1x1 convs have no bias
+                    weight_only[f"{official}.t_process.{i}.weight"] = f"{ours}.time_mlp.{i}.weight"
+                for i in ("0", "2"):
+                    modules[f"{official}.f_process.{i}"] = f"{ours}.features.{i}"
+        for official, side in (("AtB", "prev"), ("CtB", "next")):
+            for i in ("0", "2"):
+                modules[f"layers{official}Offset.{i}"] = f"comparison.offset_{side}.{i}"
+            modules[f"layers{official}"] = f"comparison.dcn_{side}"
+            modules[f"layers{official}.conv_offset_mask"] = f"comparison.dcn_{side}.conv_offset"
+        for i in ("0", "2", "4", "6"):
+            modules[f"layersFusion.{i}"] = f"comparison.fusion.{i}"
+    names = {f"{a}.{p}": f"{b}.{p}" for a, b in modules.items() for p in ("weight", "bias")}
+    return {**names, **weight_only}
 
 
 def read_state_dict(path: str) -> dict[str, Tensor]:
@@ -128,29 +153,34 @@ def _listing(names: list[str], what: str) -> str:
     return f"{len(names)} {what} ({shown})"
 
 
+_TMNET_PREFIXES = ("pcd_align.TMB_", "layersAtB", "layersCtB", "layersFusion.")
+
+
 def from_official_state_dict(state: dict[str, Tensor], source: str = "state dict") -> MEGAN:
-    """The Zooming Slow-Mo model of an official state dict (``conv_first``, ``pcd_align``, ``ConvBLSTM``, ...).
+    """The model of an official state dict: Zooming Slow-Mo (``conv_first``, ``pcd_align``, ``ConvBLSTM``, ...)
+    or TMNet (the same plus ``pcd_align.TMB_*`` and ``layers*``).
 
     nf, the deformable groups and the residual block counts are read from
     the tensors.  A dict that does not match gets one :class:`CheckpointError`
     naming the missing and unexpected tensors and the shape mismatches (the
     first few of each, with the official names).
     """
+    tmnet = any(k.startswith(_TMNET_PREFIXES) for k in state)
+    preset, network = (MEGANConfig.tmnet, "TMNet") if tmnet else (MEGANConfig.zooming_slowmo, "Zooming Slow-Mo")
     first = state.get("conv_first.weight")
     nf = int(first.shape[0]) if first is not None and first.dim() == 4 else 64
     offsets = state.get("pcd_align.L3_dcnpack_1.conv_offset_mask.weight")
     groups = int(offsets.shape[0]) // 27 if offsets is not None and offsets.shape[0] % 27 == 0 else 8
     front, back = _count_blocks(state, "feature_extraction", 5), _count_blocks(state, "recon_trunk", 40)
     try:
-        config = MEGANConfig.zooming_slowmo(nf=nf, deformable_groups=max(groups, 1), front_blocks=front,
-                                            back_blocks=back)
+        config = preset(nf=nf, deformable_groups=max(groups, 1), front_blocks=front, back_blocks=back)
         with torch.device("meta"):
             model = MEGAN(config)
     except Exception:  # noqa: BLE001 - a nonsensical size: report the mismatch against the released network
-        config = MEGANConfig.zooming_slowmo()
+        config = preset()
         with torch.device("meta"):
             model = MEGAN(config)
-    names = official_names(front, back)
+    names = official_names(front, back, tmnet)
     own = model.state_dict()
     missing = [k for k in names if k not in state]
     unexpected = [k for k in state if k not in names]
@@ -164,7 +194,7 @@ def from_official_state_dict(state: dict[str, Tensor], source: str = "state dict
             parts.append(_listing(unexpected, "unexpected"))
         if shapes:
             parts.append(f"{len(shapes)} of another shape ({'; '.join(shapes[:3])}{'; ...' if len(shapes) > 3 else ''})")
-        raise CheckpointError(f"{source}: not the Zooming Slow-Mo network: tensors {', '.join(parts)}")
+        raise CheckpointError(f"{source}: not the {network} network: tensors {', '.join(parts)}")
     check_weights(state, source)
     model = MEGAN(config)
     model.load_state_dict({names[k]: v for k, v in state.items()})
@@ -172,17 +202,19 @@ def from_official_state_dict(state: dict[str, Tensor], source: str = "state dict
 
 
 def _looks_official(state: dict[str, Tensor]) -> bool:
-    return any(k.startswith(("ConvBLSTM.", "pcd_align.", "recon_trunk.", "feature_extraction.")) for k in state)
+    return any(k.startswith(("ConvBLSTM.", "pcd_align.", "recon_trunk.", "feature_extraction.", *_TMNET_PREFIXES))
+               for k in state)
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> MEGAN:
-    """A ready model (eval mode) from a folder of ours or an official Zooming Slow-Mo ``.pth`` file.
+    """A ready model (eval mode) from a folder of ours or an official Zooming Slow-Mo or TMNet ``.pth`` file.
 
     Args:
         path: a folder with ``config.json`` and ``model.safetensors``
             (:meth:`MEGAN.save_pretrained`, ``megan-fast train``, ``megan-fast
-            convert``), or a ``.pth`` file holding the official network's
-            state dict (plain, or a DataParallel save with ``module.``).
+            convert``), or a ``.pth`` file holding an official network's state
+            dict (Zooming Slow-Mo's, or either of TMNet's two released files;
+            plain, or a DataParallel save with ``module.``).
         map_location: the device the model is put on.
 
     Raises:
@@ -196,7 +228,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         model = MEGAN.from_pretrained(path, map_location=map_location)
     elif not os.path.exists(path):
         raise MissingCheckpointError(f"{path}: no such checkpoint (expected a folder with {CONFIG_NAME} and "
-                                     f"{WEIGHTS_NAME}, or an official Zooming Slow-Mo .pth file)")
+                                     f"{WEIGHTS_NAME}, or an official Zooming Slow-Mo or TMNet .pth file)")
     else:
         state = read_state_dict(path)
         if not _looks_official(state) and any(k.startswith(("features.", "convlstm.", "reconstruction.")) for k in state):

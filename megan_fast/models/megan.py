@@ -17,6 +17,7 @@ from megan_fast.models.blocks import (
     PCDAlign,
     DeformableConvLSTM,
     FeaturePyramid,
+    NeighbourComparison,
     PFRDB,
     Reconstruction,
     lrelu,
@@ -51,6 +52,9 @@ class MEGANConfig:
     nonlocal_blocks: bool = True
     lmga: bool = True
     pad_mode: str = "replicate"
+    time_modulation: bool = False
+    neighbour_comparison: bool = False
+    reconstruction_skip: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -70,6 +74,21 @@ class MEGANConfig:
         and evaluation tools use.
         """
         return cls(**{**PRESETS["zooming_slowmo"], **overrides})
+
+    @classmethod
+    def tmnet(cls, **overrides: Any) -> "MEGANConfig":
+        """TMNet (Xu et al., CVPR 2021): Zooming Slow-Mo with temporal modulation, as a config of this family.
+
+        Zooming Slow-Mo plus three switches: ``time_modulation`` (a temporal
+        modulation block at each level of both directions of the frame
+        interpolation's PCD alignment: in-between frames at any time in
+        (0, 1), ``MEGAN.forward(x, times=...)``), ``neighbour_comparison``
+        (each frame feature aligned with its neighbours and fused before the
+        ConvLSTM) and ``reconstruction_skip`` (the pre-ConvLSTM features
+        added back before the upsampling): 12,263,523 parameters, the
+        official checkpoints' (docs/DESIGN.md section 3).
+        """
+        return cls(**{**PRESETS["tmnet"], **overrides})
 
     @property
     def any_num_frames(self) -> bool:
@@ -95,6 +114,23 @@ class MEGANConfig:
     def num_output_frames(self) -> int:
         return 2 * self.num_input_frames - 1
 
+    @property
+    def family_name(self) -> str:
+        """The published network this config builds: "TMNet", "Zooming Slow-Mo" or "MEGAN" (closest match)."""
+        if self.time_modulation:
+            return "TMNet"
+        return "Zooming Slow-Mo" if not (self.lmga or self.nonlocal_blocks or self.num_pfrdb) else "MEGAN"
+
+    @property
+    def any_times(self) -> bool:
+        """Whether the network makes in-between frames at any times (time modulation), not only halfway."""
+        return self.time_modulation
+
+
+def output_frames(n_in: int, k: int = 1) -> int:
+    """Frames out for n_in frames in and k in-between frames per pair: the inputs and (n_in - 1) * k new ones."""
+    return n_in + (n_in - 1) * k
+
 
 # Named configs of the family: MEGAN (the defaults) and Zooming Slow-Mo.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -102,6 +138,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "zooming_slowmo": {"nonlocal_blocks": False, "lmga": False, "num_pfrdb": 0, "back_blocks": 40,
                        "pad_mode": "zeros"},
 }
+PRESETS["tmnet"] = {**PRESETS["zooming_slowmo"], "time_modulation": True, "neighbour_comparison": True,
+                    "reconstruction_skip": True}
 
 
 def _pad_mode(where: str, value: Any) -> None:
@@ -119,6 +157,7 @@ _FIELD_CHECKS: dict[str, Any] = {
     "graph_hidden": lambda w, v: check_int(w, v, 1), "graph_slope": check_float,
     "memory_seed": lambda w, v: None if v is None else check_int(w, v, 0), "global_skip": check_bool,
     "nonlocal_blocks": check_bool, "lmga": check_bool, "pad_mode": _pad_mode,
+    "time_modulation": check_bool, "neighbour_comparison": check_bool, "reconstruction_skip": check_bool,
 }
 
 
@@ -163,12 +202,17 @@ class MEGAN(nn.Module):
     Shape:
         (b, n_in, 3, H, W) -> (b, 2*n_in - 1, 3, 4H, 4W) for any H, W (padded
         to a multiple of 4 inside, cropped back).  Output frame 2i re-makes
-        input frame i; frame 2i+1 lies between inputs i and i+1.
+        input frame i; frame 2i+1 lies between inputs i and i+1.  With k
+        times: (b, n_in + (n_in - 1) * k, 3, 4H, 4W) in time order (input
+        frame, its k in-between frames, next input frame, ...).
 
     The same class builds Zooming Slow-Mo, MEGAN's backbone:
     ``MEGAN(MEGANConfig.zooming_slowmo())`` (no non-local blocks, LMGA or
     progressive fusion; any number of input frames >= 2), which
-    :func:`megan_fast.models.load_model` fills with the official weights.
+    :func:`megan_fast.models.load_model` fills with the official weights; and
+    TMNet, ``MEGAN(MEGANConfig.tmnet())``, Zooming Slow-Mo with temporal
+    modulation: ``model(x, times=[t1, ..., tk])`` makes k in-between frames
+    per pair of inputs, at those times in (0, 1).
 
     ``MEGANConfig(global_skip=True)`` (not in the paper; off by default) adds
     the evaluation baseline (:func:`megan_fast.models.baseline.bicubic_blend`:
@@ -187,7 +231,8 @@ class MEGAN(nn.Module):
         self.config = cfg
         nf, t_out = cfg.nf, cfg.num_output_frames
         self.features = FeatureExtractor(cfg)
-        self.interpolation = PCDAlign(nf, cfg.deformable_groups)
+        self.interpolation = PCDAlign(nf, cfg.deformable_groups, cfg.time_modulation)
+        self.comparison = NeighbourComparison(nf, cfg.deformable_groups) if cfg.neighbour_comparison else None
         self.convlstm = DeformableConvLSTM(nf, cfg.deformable_groups)
         self.lmga = (LMGA(nf, cfg.tau, cfg.graph_layers, cfg.graph_hidden, cfg.graph_slope, seed=cfg.memory_seed)
                      if cfg.lmga else None)
@@ -207,13 +252,24 @@ class MEGAN(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, x: Tensor, memory_indices: list[int] | Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, memory_indices: list[int] | Tensor | None = None,
+                times: list[float] | tuple[float, ...] | Tensor | None = None) -> Tensor:
+        """x (b, n_in, 3, H, W) -> frames at 4x (see the class docstring).
+
+        Args:
+            memory_indices: LMGA's memory frames (training; see :class:`megan_fast.nn.LMGA`).
+            times: the in-between frames to make per pair of inputs: increasing
+                floats in (0, 1), or a (b, k) tensor of them (a row per
+                sample).  Default [0.5].  Only time-modulated models
+                (``MEGANConfig.tmnet()``) take other times than [0.5].
+        """
         cfg = self.config
         frames_ok = x.dim() == 5 and (x.shape[1] >= 2 if cfg.any_num_frames else x.shape[1] == cfg.num_input_frames)
         if not frames_ok or x.shape[2] != 3:
             n_in = "n >= 2" if cfg.any_num_frames else cfg.num_input_frames
             raise ValueError(f"MEGAN: input must have shape (b, {n_in}, 3, H, W), got {tuple(x.shape)}")
         b, n, _, h, w = x.shape
+        k, t_values = _check_times(times, b, cfg.time_modulation, x)
         pad_h, pad_w = (-h) % 4, (-w) % 4
         frames = x.reshape(b * n, 3, h, w)
         if pad_h or pad_w:
@@ -224,24 +280,35 @@ class MEGAN(nn.Module):
         l1, l2, l3 = self.features(frames)
         levels = [lvl.reshape(b, n, nf, *lvl.shape[-2:]) for lvl in (l1, l2, l3)]
 
-        # In-between features for all neighbouring pairs at once.
-        first = tuple(lvl[:, :-1].reshape(b * (n - 1), nf, *lvl.shape[-2:]) for lvl in levels)
-        second = tuple(lvl[:, 1:].reshape(b * (n - 1), nf, *lvl.shape[-2:]) for lvl in levels)
-        between = self.interpolation(first, second).reshape(b, n - 1, nf, hp, wp)
-        # Sequence F1, I12, F2, I23, ..., Fn.
-        t = 2 * n - 1
-        pairs = torch.stack((levels[0][:, :-1], between), 2).reshape(b, t - 1, nf, hp, wp)  # F1, I12, ..., I(n-1)n
-        seq = torch.cat((pairs, levels[0][:, -1:]), 1)
+        # In-between features for all neighbouring pairs (and all k times) at once: batch (b, n - 1, k).
+        def pairs(lvl: Tensor, sl: slice) -> Tensor:
+            part = lvl[:, sl]
+            if k > 1:
+                part = part.unsqueeze(2).expand(b, n - 1, k, *part.shape[2:])
+            return part.reshape(b * (n - 1) * k, *lvl.shape[2:])
 
-        feats = self.convlstm(seq)
+        first = tuple(pairs(lvl, slice(None, -1)) for lvl in levels)
+        second = tuple(pairs(lvl, slice(1, None)) for lvl in levels)
+        t_batch = None
+        if t_values is not None:
+            t_batch = t_values.reshape(b, 1, k).expand(b, n - 1, k).reshape(b * (n - 1) * k, 1, 1, 1)
+        between = self.interpolation(first, second, t_batch).reshape(b, n - 1, k, nf, hp, wp)
+        # Sequence F1, I1_1 .. I1_k, F2, ..., Fn.
+        t = output_frames(n, k)
+        seq = torch.cat((levels[0][:, :-1].unsqueeze(2), between), 2).reshape(b, t - 1, nf, hp, wp)
+        seq = torch.cat((seq, levels[0][:, -1:]), 1)
+
+        lstm_in = seq if self.comparison is None else self.comparison(seq)
+        feats = self.convlstm(lstm_in)
         if self.lmga is not None:
             feats = self.lmga(feats, memory_indices)
         for block in self.pfrdbs:
             feats = block(feats)
-        out = self.reconstruction(feats.reshape(b * t, nf, hp, wp))
+        skip = seq.reshape(b * t, nf, hp, wp) if cfg.reconstruction_skip else None
+        out = self.reconstruction(feats.reshape(b * t, nf, hp, wp), skip)
         out = out.reshape(b, t, 3, 4 * hp, 4 * wp)[..., : 4 * h, : 4 * w]
         if cfg.global_skip:
-            out = out + bicubic_blend(x)
+            out = out + bicubic_blend(x, t_values)
         return out
 
     # ------------------------------------------------------------------ weights I/O
@@ -338,6 +405,46 @@ class MEGAN(nn.Module):
                     parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
                 raise CheckpointError(f"the weights do not fit this model's config: tensors {' and '.join(parts)}")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+_HALFWAY_ONLY = ("MEGAN: this model makes only the frame halfway between two inputs (times=[0.5]); "
+                 "a time-modulated model (MEGANConfig.tmnet(), TMNet's weights) makes frames at other times")
+
+
+def _check_times(times, b: int, modulated: bool, like: Tensor) -> tuple[int, Tensor | None]:
+    """(k, the times as a (b, k) tensor on like's device and dtype, or None when the model is not
+    time-modulated).  Errors name ``times`` and what was expected."""
+    if times is None:
+        times = [0.5]
+    if isinstance(times, Tensor):
+        if times.dim() != 2 or times.shape[0] != b or times.shape[1] < 1 or not times.is_floating_point():
+            raise ValueError(f"MEGAN: times as a tensor must be floating point of shape (b, k) = ({b}, k >= 1), "
+                             f"got {tuple(times.shape)} {times.dtype}")
+        values = times.detach()
+        if not bool(((values > 0) & (values < 1)).all()):  # False for NaN too
+            raise ValueError("MEGAN: times must lie strictly between 0 and 1 (0 and 1 are the input frames)")
+        if times.shape[1] > 1 and not bool((values[:, 1:] > values[:, :-1]).all()):
+            raise ValueError("MEGAN: times must increase along each row (the frames come out in time order)")
+        if not modulated:
+            if times.shape[1] != 1 or not bool((values == 0.5).all()):
+                raise ValueError(_HALFWAY_ONLY)
+            return 1, None
+        return times.shape[1], times.to(device=like.device, dtype=like.dtype)
+    if not isinstance(times, (list, tuple)) or not times:
+        raise ValueError(f"MEGAN: times must be a non-empty list of floats in (0, 1) or a (b, k) tensor, got "
+                         f"{times!r}")
+    for v in times:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise ValueError(f"MEGAN: times must be floats strictly between 0 and 1, got {v!r}")
+    if any(b2 <= a for a, b2 in zip(times, times[1:])):
+        raise ValueError(f"MEGAN: times must increase (the frames come out in time order), got {list(times)}")
+    if not modulated:
+        if list(times) != [0.5]:
+            raise ValueError(_HALFWAY_ONLY)
+        return 1, None
+    # One fill per time (no host-to-device copy: capturable in a CUDA graph), then a row per sample.
+    row = torch.cat([like.new_full((1,), float(v)) for v in times])
+    return len(times), row.unsqueeze(0).expand(b, len(times))
 
 
 def _min_tensors(cfg: MEGANConfig) -> int:

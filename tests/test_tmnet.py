@@ -1,0 +1,199 @@
+"""TMNet (temporal modulation: in-between frames at any time) as a member of the model family.
+
+The official network is written out independently in tests/_official.py; our
+model, given the same file through ``load_model``, must compute the same
+frames at every number of times.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from _official import official_forward, official_shapes, official_state_dict
+from megan_fast.cli.main import main
+from megan_fast.errors import CheckpointError
+from megan_fast.models import MEGAN, MEGANConfig, load_model
+from megan_fast.models.baseline import bicubic_blend
+from megan_fast.models.loading import official_names
+from megan_fast.ops import use_backend
+
+torchvision = pytest.importorskip("torchvision")
+
+SMALL = dict(nf=64, front=2, back=1, groups=8, tmnet=True)  # TMNet's added layers are 64 wide for any nf
+TINY = dict(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)
+
+
+def rel_l2(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def save_official(path, **sizes) -> str:
+    torch.save(official_state_dict(**{**SMALL, **sizes}), path)
+    return str(path)
+
+
+# --------------------------------------------------------------------------- the released files' format
+
+
+def test_the_official_key_list_is_the_released_files():
+    shapes = official_shapes(tmnet=True)
+    assert len(shapes) == 482
+    assert sum(int(torch.tensor(s).prod()) for s in shapes.values()) == 12_263_523
+    model = MEGAN(MEGANConfig.tmnet())
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert sum(p.numel() for p in model.parameters()) == 12_263_523 and len(own) == 482
+    names = official_names(tmnet=True)
+    assert set(names) == set(shapes) and sorted(names.values()) == sorted(own)
+    assert all(own[names[k]] == s for k, s in shapes.items())
+
+
+@pytest.mark.parametrize("name", ["tmnet_single_frame.pth", "tmnet_multiple_frames.pth"])
+def test_the_full_size_official_state_dicts_load_strictly_and_round_trip(tmp_path, name):
+    state = {k: torch.full(s, 0.01) for k, s in official_shapes(tmnet=True).items()}
+    torch.save(state, tmp_path / name)
+    model = load_model(tmp_path / name)
+    assert model.config == MEGANConfig.tmnet() and not model.training
+    names = official_names(tmnet=True)
+    back = {k: model.state_dict()[names[k]] for k in state}
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("times", [[0.5], [1 / 3, 2 / 3], [0.1, 0.25, 0.4, 0.6, 0.9]], ids=["k1", "k2", "k5"])
+def test_our_forward_equals_the_official_one(tmp_path, times):
+    path = save_official(tmp_path / "tmnet.pth")
+    model = load_model(path)
+    sd = torch.load(path, weights_only=True)
+    x = torch.rand(1, 3, 3, 12, 16, generator=torch.Generator().manual_seed(1))
+    k = len(times)
+    with torch.no_grad():
+        ours = model(x, times=times)
+        official = official_forward(sd, x, 8, t=torch.tensor([times]))
+    assert ours.shape == official.shape == (1, 3 + 2 * k, 3, 48, 64)
+    assert rel_l2(ours, official) < 1e-5
+
+
+def test_times_as_a_tensor_row_per_sample(tmp_path):
+    path = save_official(tmp_path / "tmnet.pth")
+    model = load_model(path)
+    sd = torch.load(path, weights_only=True)
+    x = torch.rand(2, 2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([[0.2, 0.7], [0.4, 0.5]])
+    with torch.no_grad():
+        ours = model(x, times=t)
+        assert rel_l2(ours, official_forward(sd, x, 8, t=t)) < 1e-5
+        for i in range(2):
+            torch.testing.assert_close(ours[i:i + 1], model(x[i:i + 1], times=t[i].tolist()), rtol=1e-5, atol=1e-6)
+
+
+def test_convert_writes_ours_with_the_same_frames(tmp_path, capsys):
+    path = save_official(tmp_path / "tmnet.pth")
+    assert main(["convert", path, str(tmp_path / "ours")]) == 0
+    assert "TMNet" in capsys.readouterr().out
+    x = torch.rand(1, 2, 3, 8, 8)
+    with torch.no_grad():
+        a = load_model(path)(x, times=[0.25, 0.75])
+        b = MEGAN.from_pretrained(tmp_path / "ours").eval()(x, times=[0.25, 0.75])
+    assert torch.equal(a, b)
+
+
+def test_a_zooming_slowmo_file_is_not_taken_for_tmnet_and_back(tmp_path):
+    state = official_state_dict(**SMALL)
+    del state["layersFusion.6.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointError, match=r"not the TMNet network: tensors 1 missing \('layersFusion.6.weight'\)"):
+        load_model(tmp_path / "partial.pth")
+
+
+# --------------------------------------------------------------------------- times
+
+
+def test_times_are_checked_with_one_clear_message():
+    model = MEGAN(MEGANConfig.tmnet(**TINY)).eval()
+    x = torch.rand(1, 2, 3, 8, 8)
+    bad = {
+        "empty": ([], "non-empty list"),
+        "unsorted": ([0.6, 0.3], "must increase"),
+        "repeated": ([0.5, 0.5], "must increase"),
+        "zero": ([0.0], "strictly between 0 and 1"),
+        "one": ([1.0], "strictly between 0 and 1"),
+        "nan": ([float("nan")], "strictly between 0 and 1"),
+        "bool": ([True], "strictly between 0 and 1"),
+        "string": ("0.5", "non-empty list"),
+        "tensor_1d": (torch.tensor([0.5]), r"shape \(b, k\)"),
+        "tensor_batch": (torch.tensor([[0.5], [0.5]]), r"shape \(b, k\)"),
+        "tensor_int": (torch.tensor([[1]]), "floating point"),
+        "tensor_range": (torch.tensor([[0.5, 1.5]]), "strictly between 0 and 1"),
+        "tensor_order": (torch.tensor([[0.5, 0.2]]), "increase along each row"),
+    }
+    for name, (times, needle) in bad.items():
+        with pytest.raises(ValueError, match=needle):
+            model(x, times=times)
+
+
+@pytest.mark.parametrize("preset", ["megan", "zooming_slowmo"])
+def test_models_without_time_modulation_take_only_the_halfway_frame(preset):
+    cfg = (MEGANConfig(num_input_frames=2, num_pfrdb=1, nonlocal_inner=4, graph_hidden=4, tau=2, **TINY)
+           if preset == "megan" else MEGANConfig.zooming_slowmo(**TINY))
+    model = MEGAN(cfg).eval()
+    x = torch.rand(1, 2, 3, 8, 8)
+    with torch.no_grad():
+        base = model(x)
+        assert torch.equal(model(x, times=[0.5]), base) and torch.equal(model(x, times=torch.tensor([[0.5]])), base)
+    for times in ([0.25], [0.25, 0.5], torch.tensor([[0.3]])):
+        with pytest.raises(ValueError, match=r"only the frame halfway between two inputs \(times=\[0.5\]\)"):
+            model(x, times=times)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_output_order_and_count(n, k):
+    # With the global skip and its zero-initialised last conv, the untrained network outputs exactly the
+    # baseline: frame i*(k+1) is input i upscaled, frame i*(k+1)+j the blend at time t_j.
+    model = MEGAN(MEGANConfig.tmnet(global_skip=True, **TINY)).eval()
+    x = torch.rand(1, n, 3, 4, 4, generator=torch.Generator().manual_seed(n))
+    times = [(j + 1) / (k + 1) for j in range(k)]
+    with torch.no_grad():
+        out = model(x, times=times)
+    assert out.shape == (1, n + (n - 1) * k, 3, 16, 16)
+    up = bicubic_blend(x, times)
+    torch.testing.assert_close(out, up, rtol=0, atol=1e-6)
+    plain = bicubic_blend(x)  # (1, 2n - 1, ...): inputs at even positions
+    for i in range(n):
+        torch.testing.assert_close(out[:, i * (k + 1)], plain[:, 2 * i], rtol=0, atol=1e-6)
+    for i in range(n - 1):
+        for j, t in enumerate(times):
+            want = (1 - t) * plain[:, 2 * i] + t * plain[:, 2 * i + 2]
+            torch.testing.assert_close(out[:, i * (k + 1) + j + 1], want, rtol=0, atol=1e-5)
+
+
+def test_native_equals_reference_forward_and_gradients():
+    torch.manual_seed(0)
+    model = MEGAN(MEGANConfig.tmnet(**TINY)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.rand(1, 2, 3, 8, 8, dtype=torch.float64)
+    res = {}
+    for backend in ("native", "reference"):
+        model.zero_grad(set_to_none=True)
+        with use_backend(backend):
+            out = model(x, times=[0.3, 0.6])
+            out.square().mean().backward()
+        res[backend] = (out.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(res["native"][0], res["reference"][0], rtol=1e-10, atol=1e-12)
+    for a, e in zip(res["native"][1], res["reference"][1]):
+        torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-12)
+    assert all(g.abs().sum() > 0 for g in res["native"][1][:3])
+
+
+def test_preset_round_trips_and_saves(tmp_path):
+    cfg = MEGANConfig.tmnet()
+    assert MEGANConfig.from_dict(cfg.__dict__) == cfg and cfg.family_name == "TMNet"
+    model = MEGAN(MEGANConfig.tmnet(**TINY))
+    model.save_pretrained(tmp_path / "m")
+    again = MEGAN.from_pretrained(tmp_path / "m")
+    assert again.config == model.config
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
