@@ -10,11 +10,19 @@ per clip, then over clips.
 
 The baseline: bicubic x4 upscaling of each input frame, and for the frames in
 between, the average of the two upscaled neighbours (frame blending).
+
+At a frame rate K times the input's (``rate=K``, time-modulated models:
+TMNet), the ground truth has K - 1 frames between consecutive inputs: windows
+of K(n_in - 1) + 1 ground-truth frames, inputs every K-th frame, the model
+asked for the frames at times i/K, the baseline blending at those times; the
+report adds averages per time (``per_time``: "0" for the re-made inputs, then
+"1/K", ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import os
 from typing import Callable, Iterable
 
@@ -22,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from megan_fast.inference import run_window, window_starts
+from megan_fast.inference import check_rate, run_window, window_starts
 from megan_fast.models.baseline import bicubic_blend
 
 
@@ -37,26 +45,39 @@ class ClipScore:
     psnr_y: float
     ssim_y: float
     frames: int
+    per_time: dict | None = None  # rate > 2: {"0" | "1/K" | ...: {"psnr_y", "ssim_y", "frames"}}
 
 
-def predict_clip(predict: Callable[[Tensor], Tensor], gt: Tensor, lq: Tensor, n_in: int) -> dict[int, Tensor]:
+def predict_clip(predict: Callable[[Tensor], Tensor], gt: Tensor, lq: Tensor, n_in: int, rate: int = 2,
+                 phases: dict[int, int] | None = None) -> dict[int, Tensor]:
     """Runs ``predict`` on every protocol window; returns {gt frame index: predicted frame}.
 
     Args:
-        predict: (n_in, 3, h, w) -> (2*n_in - 1, 3, 4h, 4w).
+        predict: (n_in, 3, h, w) -> (rate * (n_in - 1) + 1, 3, 4h, 4w).
         gt: (T, 3, H, W) ground truth (only its length is used here).
         lq: (T, 3, H/4, W/4) low-resolution versions of every GT frame.
+        rate: ground-truth frames per input frame (the inputs are every rate-th frame of a window).
+        phases: filled with {gt frame index: j}, the frame's time j / rate after its window's input.
     """
-    t_out = 2 * n_in - 1
+    t_out = rate * (n_in - 1) + 1
     preds: dict[int, Tensor] = {}
     for s in window_starts(gt.shape[0], t_out):
-        out = predict(lq[s : s + t_out : 2])
+        out = predict(lq[s : s + t_out : rate])
         for j in range(t_out):
-            preds.setdefault(s + j, out[j])
+            if s + j not in preds:
+                preds[s + j] = out[j]
+                if phases is not None:
+                    phases[s + j] = j % rate
     return preds
 
 
-def score_clip(preds: dict[int, Tensor], gt: Tensor) -> ClipScore:
+def _time_label(phase: int, rate: int) -> str:
+    return str(fractions.Fraction(phase, rate))
+
+
+def score_clip(preds: dict[int, Tensor], gt: Tensor, phases: dict[int, int] | None = None,
+               rate: int = 2) -> ClipScore:
+    """Means of the per-frame Y-PSNR / Y-SSIM; with ``phases`` (rate > 2) also per time."""
     from megan_fast.images import to_uint8
     from megan_fast.metrics import calculate_psnr, calculate_ssim
 
@@ -65,7 +86,23 @@ def score_clip(preds: dict[int, Tensor], gt: Tensor) -> ClipScore:
         a, b = to_uint8(preds[i]), to_uint8(gt[i])
         psnrs.append(calculate_psnr(a, b, crop_border=0, test_y_channel=True))
         ssims.append(calculate_ssim(a, b, crop_border=0, test_y_channel=True))
-    return ClipScore(float(np.mean(psnrs)), float(np.mean(ssims)), len(psnrs))
+    per_time = None
+    if phases is not None:
+        per_time = {}
+        for phase in range(rate):
+            idx = [i for i in range(gt.shape[0]) if phases[i] == phase]
+            if idx:
+                per_time[_time_label(phase, rate)] = {"psnr_y": float(np.mean([psnrs[i] for i in idx])),
+                                                      "ssim_y": float(np.mean([ssims[i] for i in idx])),
+                                                      "frames": len(idx)}
+    return ClipScore(float(np.mean(psnrs)), float(np.mean(ssims)), len(psnrs), per_time)
+
+
+def _as_dict(score: ClipScore) -> dict:
+    d = dataclasses.asdict(score)
+    if d["per_time"] is None:
+        del d["per_time"]
+    return d
 
 
 def score_frames(pred: Tensor, gt: Tensor) -> dict:
@@ -102,43 +139,65 @@ def evaluate(
     save_dir: str | None = None,
     baselines: bool = True,
     progress: Callable[[str], None] | None = None,
+    rate: int = 2,
 ) -> dict:
-    """Scores ``model`` on (name, gt (T, 3, H, W), lq or None) clips; returns the JSON-ready report."""
+    """Scores ``model`` on (name, gt (T, 3, H, W), lq or None) clips; returns the JSON-ready report.
+
+    ``rate``: ground-truth frames per input frame (2: the protocol above; more: TMNet's in-between frames
+    at times i/rate, scored per time too).
+    """
     from megan_fast.data.imresize import imresize
 
     n_in = model.config.num_input_frames
+    times = check_rate(model, rate)
+    t_out = rate * (n_in - 1) + 1
     model.eval()
 
     def predict(lq: Tensor) -> Tensor:
         with torch.no_grad():
-            return run_window(model, lq.unsqueeze(0).to(device), tile)[0].float().cpu()
+            return run_window(model, lq.unsqueeze(0).to(device), tile, times=times)[0].float().cpu()
 
     report: dict = {"clips": {}, "average": {}}
     base: dict = {"clips": {}, "average": {}}
     for name, gt, lq in clips:
-        if gt.shape[0] < 2 * n_in - 1:
-            raise ValueError(f"clip {name!r} has {gt.shape[0]} frames; the protocol needs at least {2 * n_in - 1}")
+        if gt.shape[0] < t_out:
+            raise ValueError(f"clip {name!r} has {gt.shape[0]} frames; the protocol needs at least {t_out}")
         if lq is None:
             lq = imresize(gt, scale=0.25)
-        preds = predict_clip(predict, gt, lq, n_in)
-        report["clips"][name] = dataclasses.asdict(score_clip(preds, gt))
+        phases: dict[int, int] | None = {} if rate > 2 else None
+        preds = predict_clip(predict, gt, lq, n_in, rate, phases)
+        report["clips"][name] = _as_dict(score_clip(preds, gt, phases, rate))
         if save_dir is not None:
             _save_frames(preds, os.path.join(save_dir, name))
         if baselines:
-            base["clips"][name] = dataclasses.asdict(score_clip(predict_clip(bicubic_blend, gt, lq, n_in), gt))
+            blend = predict_clip(lambda w: bicubic_blend(w, times), gt, lq, n_in, rate)
+            base["clips"][name] = _as_dict(score_clip(blend, gt, phases, rate))
         if progress is not None:
             s = report["clips"][name]
             progress(f"{name}: {s['psnr_y']:.2f} dB / {s['ssim_y']:.4f} over {s['frames']} frames")
     for rep in (report, base):
         if rep["clips"]:
-            rep["average"] = {
-                "psnr_y": float(np.mean([c["psnr_y"] for c in rep["clips"].values()])),
-                "ssim_y": float(np.mean([c["ssim_y"] for c in rep["clips"].values()])),
-                "frames": int(sum(c["frames"] for c in rep["clips"].values())),
-            }
+            rep["average"] = _average(list(rep["clips"].values()))
+            if rate > 2:
+                labels = [_time_label(p, rate) for p in range(rate)]
+                rep["average"]["per_time"] = {
+                    label: _average([c["per_time"][label] for c in rep["clips"].values() if label in c["per_time"]])
+                    for label in labels if any(label in c["per_time"] for c in rep["clips"].values())
+                }
+    if rate > 2:
+        report["rate"] = rate
     if baselines:
         report["baselines"] = {"bicubic_blend": base}
     return report
+
+
+def _average(scores: list[dict]) -> dict:
+    """Means over clips of their scores (frames: the total)."""
+    return {
+        "psnr_y": float(np.mean([c["psnr_y"] for c in scores])),
+        "ssim_y": float(np.mean([c["ssim_y"] for c in scores])),
+        "frames": int(sum(c["frames"] for c in scores)),
+    }
 
 
 SAVED_FRAMES = r"\d{5}\.png"  # names of the frames written under save_dir/<clip>/
@@ -163,5 +222,11 @@ def format_table(report: dict) -> str:
         b = base.get(name) if name != "average" else report.get("baselines", {}).get("bicubic_blend", {}).get("average")
         if b:
             line += f"   {b['psnr_y']:>21.2f} {b['ssim_y']:>8.4f}"
+        rows.append(line)
+    base_avg = report.get("baselines", {}).get("bicubic_blend", {}).get("average", {}).get("per_time", {})
+    for label, s in report["average"].get("per_time", {}).items():
+        line = f"{'  t = ' + label:<24} {s['psnr_y']:>8.2f} {s['ssim_y']:>8.4f} {s['frames']:>7d}"
+        if label in base_avg:
+            line += f"   {base_avg[label]['psnr_y']:>21.2f} {base_avg[label]['ssim_y']:>8.4f}"
         rows.append(line)
     return "\n".join(rows)

@@ -8,6 +8,11 @@ clip, as in the evaluation protocol of docs/DESIGN.md section 4.  Output frame 2
 re-makes input frame i.  Where windows overlap, a frame is taken from the
 earliest window that makes it.
 
+At a frame rate K times the input's (``rate=K``, time-modulated models only:
+TMNet), every pair of inputs gets K - 1 in-between frames at times i/K: t
+inputs become K(t - 1) + 1 frames, output frame K*i re-makes input i, and a
+window of n_in inputs makes K(n_in - 1) + 1 frames.
+
 Memory is bounded by one window (and one tile), not by the clip: the
 streaming form :func:`iter_upscale` holds at most n_in input frames.
 """
@@ -65,8 +70,26 @@ def _tiled(tile: int | None, h: int, w: int) -> bool:
     return tile is not None and (tile < h or tile < w)
 
 
+def rate_times(rate: int) -> list[float] | None:
+    """The in-between times of a frame rate ``rate`` x the input's: [1/rate, ..., (rate-1)/rate]; None for 2
+    (the model's default, the halfway frame)."""
+    if not isinstance(rate, int) or isinstance(rate, bool) or rate < 2:
+        raise ValueError(f"rate must be an integer >= 2, got {rate!r}")
+    return None if rate == 2 else [i / rate for i in range(1, rate)]
+
+
+def check_rate(model: MEGAN, rate: int, what: str = "rate") -> list[float] | None:
+    """:func:`rate_times`, refusing a rate other than 2 for a model that makes only the halfway frame (the
+    message names the argument ``what``)."""
+    times = rate_times(rate)
+    if times is not None and not model.config.any_times:
+        raise ValueError(f"{what} {rate} needs a model that makes frames at any time (TMNet); this "
+                         f"{model.config.family_name} model makes only the halfway frame (rate 2)")
+    return times
+
+
 def run_window(model: MEGAN, window: Tensor, tile: int | None = None, tile_overlap: int = 16,
-               batch: int = 1, fixed_shape: bool = False) -> Tensor:
+               batch: int = 1, fixed_shape: bool = False, times: list[float] | None = None) -> Tensor:
     """Runs the model on one window, in spatial tiles if ``tile`` is given.
 
     Args:
@@ -79,13 +102,15 @@ def run_window(model: MEGAN, window: Tensor, tile: int | None = None, tile_overl
             tile) so that every forward has one shape: one compiled or graphed
             model (:func:`compile_model`) then serves every call; the result
             never aliases the model's output buffers.
+        times: the model's in-between times (None: its default, the halfway frame).
 
     Returns:
-        (b, 2*n_in - 1, 3, 4H, 4W).
+        (b, n_in + (n_in - 1) * k, 3, 4H, 4W) for k times (k = 1: 2*n_in - 1).
     """
     b, n, c, h, w = window.shape
+    kwargs = {} if times is None else {"times": times}
     if not _tiled(tile, h, w):
-        out = model(window)
+        out = model(window, **kwargs)
         # A CUDA-graph replay (compile_model's "reduce-overhead") reuses its output buffers on the next call.
         return out.clone() if fixed_shape else out
     if tile < 4:
@@ -101,7 +126,7 @@ def run_window(model: MEGAN, window: Tensor, tile: int | None = None, tile_overl
         crops = [window[..., y : y + th, x : x + tw] for y, x in chunk]
         if fixed_shape:
             crops += crops[-1:] * (batch - len(crops))
-        pieces = model(torch.cat(crops, 0)).float()
+        pieces = model(torch.cat(crops, 0), **kwargs).float()
         for k, (y, x) in enumerate(chunk):
             piece = pieces[k * b : (k + 1) * b]
             if out is None:
@@ -123,12 +148,15 @@ def iter_upscale(
     device: torch.device | str | None = None,
     batch: int = 1,
     fixed_shape: bool = False,
+    rate: int = 2,
 ) -> Iterator[Tensor]:
     """Streams output frames of a clip given as an iterable of (3, H, W) input frames.
 
-    Yields (3, 4H, 4W) frames in order, 2t - 1 of them, holding at most
-    n_in + (batch - 1) * (n_in - 1) input frames at a time.  Raises
-    ValueError if the clip has fewer than n_in frames.
+    Yields (3, 4H, 4W) frames in order, rate * (t - 1) + 1 of them (2t - 1 at
+    the default rate 2), holding at most n_in + (batch - 1) * (n_in - 1) input
+    frames at a time.  Raises ValueError if the clip has fewer than n_in
+    frames, or for a rate other than 2 with a model that makes only the
+    halfway frame (:func:`check_rate`).
 
     ``batch`` windows go through the model in one forward (with a ``tile``
     smaller than the frames: ``batch`` tiles of one window).  The frames
@@ -140,6 +168,7 @@ def iter_upscale(
     """
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+    times = check_rate(model, rate)
     n_in = model.config.num_input_frames
     stride = n_in - 1
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -156,10 +185,10 @@ def iter_upscale(
         padded = starts + starts[-1:] * (windows_per_call - len(starts)) if fixed_shape else starts
         windows = torch.stack([torch.stack(frames_[s - first : s - first + n_in], 0) for s in padded], 0)
         with torch.no_grad():
-            outs = run_window(model, windows.to(device), tile, tile_overlap, batch, fixed_shape)
+            outs = run_window(model, windows.to(device), tile, tile_overlap, batch, fixed_shape, times)
         for s, out in zip(starts, outs):
             for j in range(out.shape[0]):
-                if 2 * s + j >= emitted:
+                if rate * s + j >= emitted:
                     yield out[j]
                     emitted += 1
 
@@ -178,8 +207,9 @@ def iter_upscale(
                 pending = []
     if seen < n_in:
         raise TooShortError(f"the clip has {seen} frames but the model needs at least {n_in}")
-    covered = 2 * pending[-1] + 2 * n_in - 1 if pending else emitted  # output frames made once pending runs
-    if covered < 2 * seen - 1:
+    # output frames made once pending runs
+    covered = rate * (pending[-1] + n_in - 1) + 1 if pending else emitted
+    if covered < rate * (seen - 1) + 1:
         pending.append(seen - n_in)  # the last window, aligned to the end
     if pending:
         yield from run(pending)
@@ -211,8 +241,9 @@ def upscale_frames(
     tile_overlap: int = 16,
     window: int | None = None,
     batch: int = 1,
+    rate: int = 2,
 ) -> Tensor:
-    """Upscales a whole clip: (t, 3, H, W) -> (2t - 1, 3, 4H, 4W), every output frame exactly once.
+    """Upscales a whole clip: (t, 3, H, W) -> (rate * (t - 1) + 1, 3, 4H, 4W), every output frame exactly once.
 
     Args:
         model: a :class:`MEGAN` (put it in eval mode first).
@@ -220,17 +251,21 @@ def upscale_frames(
         tile: spatial tile size in input pixels, or None for whole frames.
             A tile covering the frame gives exactly the untiled result.
         tile_overlap: tile overlap in input pixels (blended linearly).
-        window: output frames per temporal window; must be 2*n_in - 1 (the
-            only size the model supports; default).
+        window: output frames per temporal window; must be rate * (n_in - 1) + 1
+            (the only size the model supports; default).
         batch: windows (with ``tile``: tiles) per forward; same frames as 1.
+        rate: output frame rate / input frame rate (K - 1 in-between frames
+            per pair of inputs at times i/K; other than 2: TMNet only).
 
     Returns:
-        (2t - 1, 3, 4H, 4W) on ``frames``' device.
+        (rate * (t - 1) + 1, 3, 4H, 4W) on ``frames``' device.
     """
     n_in = model.config.num_input_frames
-    if window is not None and window != 2 * n_in - 1:
-        raise ValueError(f"window must be {2 * n_in - 1} output frames for a model with {n_in} input frames")
+    rate_times(rate)
+    per_window = rate * (n_in - 1) + 1
+    if window is not None and window != per_window:
+        raise ValueError(f"window must be {per_window} output frames for a model with {n_in} input frames")
     if frames.dim() != 4 or frames.shape[1] != 3:
         raise ValueError(f"frames must have shape (t, 3, H, W), got {tuple(frames.shape)}")
-    outs = list(iter_upscale(model, frames.unbind(0), tile, tile_overlap, batch=batch))
+    outs = list(iter_upscale(model, frames.unbind(0), tile, tile_overlap, batch=batch, rate=rate))
     return torch.stack(outs, 0).to(frames.device)

@@ -197,3 +197,91 @@ def test_preset_round_trips_and_saves(tmp_path):
     again = MEGAN.from_pretrained(tmp_path / "m")
     assert again.config == model.config
     assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
+
+
+# --------------------------------------------------------------------------- any frame rate: inference and commands
+
+
+def tiny_tmnet(path, **overrides) -> str:
+    torch.manual_seed(0)
+    MEGAN(MEGANConfig.tmnet(num_input_frames=3, **TINY, **overrides)).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("rate", [3, 4])
+def test_every_output_frame_once_at_any_rate(rate):
+    # The global-skip model's output is the baseline exactly: each frame is known, in order, windows or not.
+    from megan_fast.inference import upscale_frames
+
+    model = MEGAN(MEGANConfig.tmnet(num_input_frames=3, global_skip=True, **TINY)).eval()
+    times = [i / rate for i in range(1, rate)]
+    for t in (3, 4, 5, 6, 8):  # one window, a last window aligned to the end, several windows
+        x = torch.rand(t, 3, 4, 4, generator=torch.Generator().manual_seed(t))
+        out = upscale_frames(model, x, rate=rate, batch=2)
+        assert out.shape[0] == rate * (t - 1) + 1
+        torch.testing.assert_close(out, bicubic_blend(x.unsqueeze(0), times)[0], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="rate must be an integer >= 2"):
+        upscale_frames(model, x, rate=1)
+    zsm = MEGAN(MEGANConfig.zooming_slowmo(**TINY)).eval()
+    with pytest.raises(ValueError, match="rate 4 needs a model that makes frames at any time"):
+        upscale_frames(zsm, x, rate=4)
+
+
+def test_upscale_rate_4_keeps_audio_and_timing(tmp_path, capsys):
+    pytest.importorskip("av", reason="PyAV is needed for video files")
+    from _media import audio_packets, decoded, make_video
+
+    from megan_fast import video
+
+    ckpt = tiny_tmnet(tmp_path / "tm")
+    times = [0.0, 0.1, 0.2, 0.4, 0.5]  # one gap twice as long: the in-between frames follow it
+    src = make_video(tmp_path / "in.mkv", frames=5, fps=10, audio=True, times=times)
+    out = str(tmp_path / "x4.mkv")
+    assert main(["upscale", src, out, "--checkpoint", ckpt, "--rate", "4", "--device", "cpu"]) == 0
+    got, _ = decoded(out)
+    want = [a + (b - a) * j / 4 for a, b in zip(times, times[1:]) for j in range(4)] + [times[-1]]
+    assert len(got) == 17 and got == pytest.approx(want, abs=1e-3)
+    assert video.probe(out).fps == 40
+    assert audio_packets(out) == audio_packets(src)
+    assert "-> 17 frames (64x48, 40 fps)" in capsys.readouterr().out
+
+
+def test_upscale_and_eval_refuse_a_rate_the_model_cannot_make(tmp_path, capsys):
+    from _media import grey_frames, save_small_model
+
+    frames = grey_frames(tmp_path / "frames", [30 * i for i in range(5)], h=8, w=8, name="{i:03d}.png")
+    megan = save_small_model(tmp_path / "megan")
+    for argv in (["upscale", frames, str(tmp_path / "up"), "--checkpoint", megan, "--rate", "3"],
+                 ["eval", "--checkpoint", megan, "--data", str(tmp_path), "--rate", "3"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith("--rate 3 needs a model that makes frames at any time (TMNet); this MEGAN model makes "
+                            "only the halfway frame (rate 2)") and "\n" not in err
+    with pytest.raises(SystemExit) as info:
+        main(["upscale", frames, str(tmp_path / "up"), "--rate", "1"])
+    assert info.value.code == 2 and "argument --rate: expected an integer >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "up").exists()
+
+
+def test_eval_rate_4_scores_every_frame_once_with_per_time_averages(tmp_path, capsys):
+    import json
+
+    from megan_fast.data import synthetic
+
+    # n_in 3 at rate 4: windows of 9 ground-truth frames, inputs every 4th; 13 frames -> windows [0, 4].
+    synthetic.write_clip_folder(synthetic.make_clip("coffee", 13, size=(16, 16), seed=1), str(tmp_path / "gt" / "a"))
+    ckpt = tiny_tmnet(tmp_path / "tm", global_skip=True)  # untrained: exactly the baseline
+    out = tmp_path / "s.json"
+    assert main(["eval", "--checkpoint", ckpt, "--data", str(tmp_path / "gt"), "--rate", "4", "--json", str(out),
+                 "--save-frames", str(tmp_path / "frames"), "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    clip, base = report["clips"]["a"], report["baselines"]["bicubic_blend"]["clips"]["a"]
+    assert report["rate"] == 4 and clip["frames"] == 13 and len(os.listdir(tmp_path / "frames" / "a")) == 13
+    assert {k: v["frames"] for k, v in clip["per_time"].items()} == {"0": 4, "1/4": 3, "1/2": 3, "3/4": 3}
+    assert clip["psnr_y"] == pytest.approx(base["psnr_y"])
+    for label, score in clip["per_time"].items():
+        assert score == pytest.approx(base["per_time"][label])
+        assert score == pytest.approx(report["average"]["per_time"][label])
+    # inputs are re-made, in-between frames are blends: the inputs score higher
+    assert clip["per_time"]["0"]["psnr_y"] > clip["per_time"]["1/2"]["psnr_y"]
+    assert "t = 1/4" in capsys.readouterr().out

@@ -12,7 +12,6 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from _official import official_forward, official_shapes, official_state_dict
 from megan_fast.cli.main import main

@@ -46,6 +46,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--tile", type=int_at_least(4), default=None, help="spatial tile size in input pixels")
     p.add_argument("--device", default=None, help="cpu or cuda")
     p.add_argument("--no-baseline", action="store_true", help="skip the bicubic + frame blending baseline")
+    p.add_argument("--rate", type=int_at_least(2), default=2,
+                   help="ground-truth frames per input frame, an integer >= 2: the model makes the K - 1 frames "
+                   "between inputs taken every K-th frame (default 2; more needs a model that makes frames at any "
+                   "time: TMNet); rate > 2 adds scores per time to the table and the JSON")
     p.set_defaults(func=_eval)
 
 
@@ -118,6 +122,7 @@ def _clip_source(args: argparse.Namespace):
 
 def _eval(args: argparse.Namespace) -> int:
     from megan_fast.evaluation import evaluate, format_table
+    from megan_fast.inference import check_rate
 
     if not os.path.exists(args.checkpoint):
         raise InputError(f"--checkpoint {args.checkpoint!r}: no such folder or file")
@@ -135,11 +140,16 @@ def _eval(args: argparse.Namespace) -> int:
                                         overwrite=args.overwrite)
     device = resolve_device(args.device)
     model = _common.load_model(args.checkpoint, device)
+    try:
+        check_rate(model, args.rate, "--rate")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     clips = _clip_source(args)
     try:
         with frames_out.atomic_folder() if frames_out else nullcontext() as save_dir:
             report = evaluate(model, clips(), device=device, tile=args.tile, save_dir=save_dir,
-                              baselines=not args.no_baseline, progress=lambda s: print(s, file=sys.stderr))
+                              baselines=not args.no_baseline, progress=lambda s: print(s, file=sys.stderr),
+                              rate=args.rate)
     except (FileNotFoundError, ValueError) as exc:
         if isinstance(exc, outputs.OutputError):
             raise

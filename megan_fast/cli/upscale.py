@@ -1,11 +1,12 @@
-"""``megan-fast upscale INPUT OUTPUT``: a clip at 2x the frame rate and 4x the resolution.
+"""``megan-fast upscale INPUT OUTPUT``: a clip at K x the frame rate (default 2) and 4x the resolution.
 
 Everything is checked before the model runs (OUTPUT's path and format, the
-input, the device, the checkpoint, that the container takes the audio); the
-output is written to a temporary beside OUTPUT and renamed into place when
-complete (:mod:`megan_fast.outputs`).  Output frame 2i is shown at input
-frame i's time and frame 2i+1 halfway to the next, so a variable frame rate
-stays in step with the copied audio.
+input, the device, the checkpoint, that it can make the rate asked for, that
+the container takes the audio); the output is written to a temporary beside
+OUTPUT and renamed into place when complete (:mod:`megan_fast.outputs`).
+Output frame K*i is shown at input frame i's time and frame K*i + j at j/K of
+the way to the next, so a variable frame rate stays in step with the copied
+audio.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser(
         "upscale",
-        help="upscale a video file or frame folder (2x frame rate, 4x resolution)",
+        help="upscale a video file or frame folder (2x or, with --rate K, Kx frame rate; 4x resolution)",
         description="Reads a video file (any format FFmpeg reads) or a folder of frames and writes a video "
         "(H.264 in .mp4/.mov/.mkv, VP9 in .webm) or, for an OUTPUT without an extension, a folder of PNG frames, "
-        "with twice the frame rate and four times the resolution, carrying the audio over unchanged. The output "
-        "is written to a temporary file and renamed on success.",
+        "with twice (--rate K: K times) the frame rate and four times the resolution, carrying the audio over "
+        "unchanged. The output is written to a temporary file and renamed on success.",
     )
     p.add_argument("input", help="video file or folder of frames")
     p.add_argument("output", help=f"output video ({', '.join(VIDEO_OUTPUTS)}) or folder for PNG frames")
@@ -53,16 +54,19 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype on CUDA devices: bfloat16/float16 use autocast (a CPU runs float32)")
+    p.add_argument("--rate", type=int_at_least(2), default=2,
+                   help="output frame rate / input frame rate, an integer >= 2: K - 1 new frames between two "
+                   "inputs (default 2; more needs a model that makes frames at any time: TMNet)")
     p.add_argument("--fps", type=frame_rate, default=25.0, help="frame rate of a frame-folder input (default 25)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUTPUT if it is an earlier megan-fast output (never anything else)")
     p.set_defaults(func=run)
 
 
-def _output_times(times: list[fractions.Fraction], j: int) -> fractions.Fraction:
-    """Time of output frame j: input frame j/2's, or halfway between its neighbours' for an in-between frame."""
-    i, between = divmod(j, 2)
-    return (times[i] + times[i + 1]) / 2 if between else times[i]
+def _output_times(times: list[fractions.Fraction], j: int, rate: int) -> fractions.Fraction:
+    """Time of output frame j: input frame j/rate's, or r/rate of the way to the next for an in-between frame."""
+    i, r = divmod(j, rate)
+    return times[i] + (times[i + 1] - times[i]) * fractions.Fraction(r, rate) if r else times[i]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     from megan_fast import video
     from megan_fast.background import BackgroundWriter, prefetch
-    from megan_fast.inference import TooShortError, compile_model, iter_upscale
+    from megan_fast.inference import TooShortError, check_rate, compile_model, iter_upscale
 
     src = args.input
     if not src or not src.strip():
@@ -89,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     if fmt:
         video.check_video_output(args.output, out_w, out_h, src if info.has_audio else None)
     model = _common.load_model(checkpoint, device)
+    try:
+        check_rate(model, args.rate, "--rate")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     n_in = model.config.num_input_frames
     if info.num_frames is not None and info.num_frames < n_in:
         raise TooShortError(f"{src}: the clip has {info.num_frames} frames; the model needs at least {n_in}")
@@ -109,16 +117,17 @@ def run(args: argparse.Namespace) -> int:
             times.append(t)
             yield frame
 
-    total = 2 * info.num_frames - 1 if info.num_frames else None
+    rate = args.rate
+    total = rate * (info.num_frames - 1) + 1 if info.num_frames else None
     start = time.perf_counter()
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     target = out.atomic_file() if fmt else out.atomic_folder()
     try:
         with target as tmp, tqdm(total=total, unit="frame", desc="upscale", disable=None) as bar, autocast:
             if fmt:
-                writer = video.VideoWriter(tmp, info.fps * 2, out_w, out_h,
+                writer = video.VideoWriter(tmp, info.fps * rate, out_w, out_h,
                                            audio_from=src if info.has_audio else None,
-                                           time_base=info.time_base / 2, fmt=fmt, command="upscale")
+                                           time_base=info.time_base / rate, fmt=fmt, command="upscale")
             else:
                 writer = video.FrameFolderWriter(tmp)
             # Decoding runs ahead of the model and encoding behind it, each in its own thread.
@@ -128,9 +137,9 @@ def run(args: argparse.Namespace) -> int:
                 net = compile_model(model, args.compile)
                 for j, frame in enumerate(iter_upscale(net, feed, tile=args.tile, tile_overlap=args.tile_overlap,
                                                        device=device, batch=args.batch,
-                                                       fixed_shape=args.compile != "none")):
+                                                       fixed_shape=args.compile != "none", rate=rate)):
                     outputs.raise_if_signalled()
-                    background.write(frame, _output_times(times, j))
+                    background.write(frame, _output_times(times, j, rate))
                     bar.update(1)
                 background.close()
                 if fmt:
@@ -152,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     print(
         f"upscaled {reader.decoded} frames ({info.width}x{info.height}, {float(info.fps):.3g} fps) -> "
-        f"{writer.count} frames ({out_w}x{out_h}, {float(info.fps * 2):.3g} fps) in {elapsed:.1f} s "
+        f"{writer.count} frames ({out_w}x{out_h}, {float(info.fps * rate):.3g} fps) in {elapsed:.1f} s "
         f"({writer.count / elapsed:.2f} frames/s); wrote {args.output}"
     )
     return 0
