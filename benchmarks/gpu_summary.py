@@ -19,6 +19,7 @@ Sections (each prints a markdown table for docs/PERFORMANCE.md):
 - compiled: eager vs ``torch.compile(fullgraph=True)`` ("default" and
   "reduce-overhead", CUDA graphs) of a training step and of inference.
 - zsm: the model table for Zooming Slow-Mo (``MEGANConfig.zooming_slowmo()``).
+- tmnet: the model table for TMNet (``MEGANConfig.tmnet()``) at k = 1 and k = 7 in-between frames.
 - kernels: the current Triton kernels (one-pass DCN backward, autotuned
   blocks) against the previous generation (``MEGAN_FAST_TRITON_KERNELS=
   previous``) and the peer (torchvision's CUDA DCN, SDPA), fp32/fp16/bf16,
@@ -125,8 +126,18 @@ def attention(peak_tflops: float) -> None:
 # --------------------------------------------------------------------------- kernels (generations)
 
 
-def _generation(name: str):
-    os.environ["MEGAN_FAST_TRITON_KERNELS"] = name
+_USER_GENERATION = os.environ.get("MEGAN_FAST_TRITON_KERNELS")
+
+
+def _generation(name: str | None):
+    """Selects a kernel generation for the next calls; None restores what the user had set."""
+    if name is None:
+        if _USER_GENERATION is None:
+            os.environ.pop("MEGAN_FAST_TRITON_KERNELS", None)
+        else:
+            os.environ["MEGAN_FAST_TRITON_KERNELS"] = _USER_GENERATION
+    else:
+        os.environ["MEGAN_FAST_TRITON_KERNELS"] = name
 
 
 def _dcn_floor(case, dtype, backward: bool, ceil: dict) -> float:
@@ -148,14 +159,14 @@ def _attention_floor(b, n, dtype, backward: bool, ceil: dict) -> float:
     esize = torch.empty(0, dtype=dtype).element_size()
     elems = 4 * b * n * 32 * (2 if backward else 1)
     flops = 4 * b * n * n * 32 * (3.5 if backward else 1.0)
-    peak = ceil["bf16_tflops"] * (1.0 if dtype != torch.float32 else 0.5 if torch.backends.cuda.matmul.allow_tf32
-                                  else 0.07)
+    from megan_fast.triton._utils import tf32_allowed
+
+    peak = ceil["bf16_tflops"] * (1.0 if dtype != torch.float32 else 0.5 if tf32_allowed() else 0.07)
     return max(elems * esize / (ceil["copy_tbs"] * 1e9), flops / (peak * 1e9))
 
 
 def _timed(make_step, generation: str | None):
-    if generation is not None:
-        _generation(generation)
+    _generation(generation)
     step = make_step()
     step()  # autotuning (a new problem size) happens here, before any timing
     torch.cuda.synchronize()
@@ -166,7 +177,7 @@ def kernels(ceil: dict) -> None:
     print("\n### Triton kernel generations vs peers (ms; floor = max(bytes / "
           f"{ceil['copy_tbs']:.2f} TB/s, FLOPs / {ceil['bf16_tflops']:.0f} TFLOP/s); peak MiB)")
     print("| op | case | dtype | pass | current | previous | peer | current vs peer | current vs previous | "
-          "floor | current / floor | current MiB | peer MiB |")
+          "floor | current / floor | current MiB | peer MiB |")  # times in ms, the floor in us
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     try:
         for case in benchmarking.DCN_CASES:
@@ -190,13 +201,13 @@ def kernels(ceil: dict) -> None:
                          _attention_floor(b, n, dtype, backward, ceil))
         _kernel_accuracy()
     finally:
-        _generation("current")
+        _generation(None)
 
 
 def _row(op, case, dtype, backward, res, peer, floor) -> None:
     cur, prev = res["current"], res["previous"]
     print(f"| {op} | {case} | {str(dtype)[6:]} | {'fwd+bwd' if backward else 'fwd'} | {cur[0]:.3f} | {prev[0]:.3f} "
-          f"| {peer[0]:.3f} | {peer[0] / cur[0]:.2f}x | {prev[0] / cur[0]:.2f}x | {floor:.3f} | "
+          f"| {peer[0]:.3f} | {peer[0] / cur[0]:.2f}x | {prev[0] / cur[0]:.2f}x | {floor * 1e3:.1f} us | "
           f"{cur[0] / floor:.1f}x | {cur[1]:.0f} | {peer[1]:.0f} |", flush=True)
 
 
@@ -234,7 +245,7 @@ def _kernel_accuracy() -> None:
             grads = torch.autograd.grad(out, (qs, ks, vs), go.to(dtype))
             print(f"| attention | {str(dtype)[6:]} | {gen} | {rel(out, aref):.2e} | "
                   f"{max(rel(a, b) for a, b in zip(grads, aref_g)):.2e} |", flush=True)
-    _generation("current")
+    _generation(None)
 
 
 # --------------------------------------------------------------------------- graph
@@ -307,12 +318,16 @@ def model_check() -> None:
           f"{out_err:.2e}, worst parameter-gradient rel. err {grad_err:.2e}")
 
 
-def model_inference(arch: str = "megan") -> None:
+def model_inference(arch: str = "megan", k: int = 1) -> None:
+    """One window at 180x144 input; TMNet with k in-between frames per pair (4 + 3k output frames)."""
     from megan_fast.models import MEGAN, MEGANConfig
 
     torch.manual_seed(0)
-    model = MEGAN(MEGANConfig.zooming_slowmo() if arch == "zooming_slowmo" else None).cuda().eval()
-    print(f"\n### {arch} inference, one window: 4 frames of 180x144 -> 7 frames of 720x576")
+    presets = {"megan": MEGANConfig, "zooming_slowmo": MEGANConfig.zooming_slowmo, "tmnet": MEGANConfig.tmnet}
+    model = MEGAN(presets[arch]()).cuda().eval()
+    times = None if k == 1 else [i / (k + 1) for i in range(1, k + 1)]
+    frames = 4 + 3 * k
+    print(f"\n### {arch} inference, one window: 4 frames of 180x144 -> {frames} frames of 720x576")
     print("| batch | precision | backend | ms / window | output frames/s | peak MiB |\n|---|---|---|---|---|---|")
     for batch in (1, 4):
         x = torch.rand(batch, 4, 3, 144, 180, device="cuda")
@@ -323,7 +338,7 @@ def model_inference(arch: str = "megan") -> None:
                 torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
 
                 step = benchmarking.model_step(model, backend, x, train=False,
-                                               autocast_dtype=torch.bfloat16 if amp else None)
+                                               autocast_dtype=torch.bfloat16 if amp else None, times=times)
                 try:
                     ms = bench_ms(step, warmup=200, rep=1000)
                     peak = benchmarking.cuda_peak_mib(step)
@@ -331,7 +346,7 @@ def model_inference(arch: str = "megan") -> None:
                     torch.cuda.empty_cache()
                     print(f"| {batch} | {precision} | {backend} | out of memory | - | - |", flush=True)
                     continue
-                print(f"| {batch} | {precision} | {backend} | {ms:.1f} | {7 * batch / ms * 1e3:.1f} | "
+                print(f"| {batch} | {precision} | {backend} | {ms:.1f} | {frames * batch / ms * 1e3:.1f} | "
                       f"{peak:.0f} |", flush=True)
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -433,6 +448,7 @@ def main() -> int:
         ("profile", profile),
         ("compiled", compiled),
         ("zsm", lambda: model_inference("zooming_slowmo")),
+        ("tmnet", lambda: (model_inference("tmnet"), model_inference("tmnet", 7))),
         ("kernels", lambda: kernels(ceil)),
     ]
     for name, fn in sections:

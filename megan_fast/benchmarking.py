@@ -175,22 +175,24 @@ def graph_step(backend: str, inputs: tuple, backward: bool) -> Callable[[], None
 
 
 def model_step(model, backend: str, x, train: bool, target=None, autocast_dtype: torch.dtype | None = None,
-               memory_indices: list[int] | torch.Tensor | None = None) -> Callable[[], None]:
+               memory_indices: list[int] | torch.Tensor | None = None,
+               times: list[float] | None = None) -> Callable[[], None]:
     """One inference pass (no grad), or one training step's forward + backward (Charbonnier loss).
 
     ``autocast_dtype`` runs the model under ``torch.autocast`` of ``x``'s device
-    type; ``memory_indices`` fixes LMGA's memory frames.
+    type; ``memory_indices`` fixes LMGA's memory frames; ``times`` the in-between times (TMNet).
     """
+    kwargs = {} if times is None else {"times": times}
 
     def run() -> None:
         amp = contextlib.nullcontext() if autocast_dtype is None else torch.autocast(x.device.type, autocast_dtype)
         with use_backend(backend):
             if not train:
                 with torch.no_grad(), amp:
-                    model(x, memory_indices)
+                    model(x, memory_indices, **kwargs)
                 return
             with amp:
-                y = model(x, memory_indices)
+                y = model(x, memory_indices, **kwargs)
             loss = torch.sqrt((y.float() - target) ** 2 + 1e-6).mean()
             loss.backward()
             model.zero_grad(set_to_none=True)

@@ -222,3 +222,21 @@ def official_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, groups: int,
     out = lrelu(F.pixel_shuffle(conv("upconv2", out), 2))
     out = conv("conv_last", lrelu(conv("HRconv", out)))
     return out.view(b, length, 3, 4 * H, 4 * W)[..., : 4 * hh, : 4 * ww]
+
+
+def assert_native_equals_reference(model, forward) -> list:
+    """``forward(model)``'s output and every parameter gradient (of its mean square) with the native kernels
+    equal those with the plain-PyTorch reference (float64 tolerances); returns the native gradients."""
+    from megan_fast.ops import use_backend
+
+    res = {}
+    for backend in ("native", "reference"):
+        model.zero_grad(set_to_none=True)
+        with use_backend(backend):
+            out = forward(model)
+            out.square().mean().backward()
+        res[backend] = (out.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(res["native"][0], res["reference"][0], rtol=1e-10, atol=1e-12)
+    for a, e in zip(res["native"][1], res["reference"][1]):
+        torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-12)
+    return res["native"][1]

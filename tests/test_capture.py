@@ -185,6 +185,21 @@ def test_no_host_sync_in_an_eval_forward_or_a_training_step():
     assert watch.syncs == [] and watch.host_copies == [], (watch.syncs, watch.host_copies)
 
 
+def test_no_host_sync_in_tmnet_at_several_times():
+    # times given as a list become fill kernels on the device, not host-to-device copies
+    from megan_fast.models import MEGANConfig
+
+    with torch.device("meta"):
+        model = MEGAN(MEGANConfig.tmnet(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1))
+        x = torch.rand(1, 3, 3, 8, 8)
+    watch = HostWatch()
+    with watch:
+        out = model(x, times=[0.25, 0.5, 0.75])
+        out.square().mean().backward()
+    assert out.shape == (1, 9, 3, 32, 32)
+    assert watch.syncs == [] and watch.host_copies == [], (watch.syncs, watch.host_copies)
+
+
 def test_the_watch_sees_a_host_sync():
     watch = HostWatch()
     with watch:

@@ -139,6 +139,8 @@ CASES = {
     "no_mask": dict(with_mask=False, og=2),
     "wide": dict(b=1, c_in=16, c_out=20, h=4, w=4, og=2),  # chunk 8, two c_out tiles
     "full_chunk": dict(b=1, c_in=16, c_out=3, h=3, w=5, og=1, offset_scale=3.0),  # chunk 16
+    # 32 channels per offset group: a chunk (16) is half a group, so the one-pass backward accumulates
+    "cpo32": dict(b=1, c_in=32, c_out=4, h=3, w=4, og=1),
 }
 
 FP32_CASES = ["base", "groups2_og2", "odd_channels_stride2_pad0", "no_mask", "kernel2x3"]

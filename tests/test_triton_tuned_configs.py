@@ -24,6 +24,8 @@ def _only(monkeypatch, tuner, config):
 
 
 def test_dcn_config_invariants():
+    # every buffer the one-pass backward accumulates into with atomics is zeroed before each timed run
+    assert sorted(tdc._dcn_bwd_one_pass_tuned.reset_to_zero) == ["gin_ptr", "gmsk_ptr", "goff_ptr"]
     for c in tdc._dcn_bwd_one_pass_tuned.configs:
         # splits are runs of _SPLIT_PIXELS pixels: whole tiles; DIRECT assumes BLOCK_K >= 16
         assert tdc._SPLIT_PIXELS % c.kwargs["BLOCK_P"] == 0 and c.kwargs["BLOCK_K"] >= 16, c
@@ -43,6 +45,29 @@ def test_every_dcn_config(monkeypatch, which, case):
     for config in list(tuner.configs):
         _only(monkeypatch, tuner, config)
         check_against_torchvision(make_problem(**CASES[case], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("case", ["base", "groups2_og1"])
+def test_dcn_splits_as_on_a_132_sm_gpu(monkeypatch, case):
+    # With a GPU's SM count the one-pass backward cuts the pixels into many splits of whole tiles:
+    # every tile must be processed by exactly one split (a gap or an overlap breaks every gradient).
+    monkeypatch.setenv("MEGAN_FAST_TRITON_KERNELS", "current")
+    monkeypatch.setattr(tdc, "_tuned", lambda device, dtype: True)
+    monkeypatch.setattr(tdc, "num_sms", lambda device: 132)
+    splits = []
+    real = tdc.launch
+
+    def record(kernel, grid, args, meta, *rest):
+        if kernel is tdc._dcn_bwd_one_pass_tuned:
+            splits.append(grid(dict(BLOCK_K=16))[0])
+        return real(kernel, grid, args, meta, *rest)
+
+    monkeypatch.setattr(tdc, "launch", record)
+    for config in [c for c in tdc._dcn_bwd_one_pass_tuned.configs if c.num_stages == 1][:2]:
+        _only(monkeypatch, tdc._dcn_bwd_one_pass_tuned, config)
+        _only(monkeypatch, tdc._dcn_fwd_tuned, tdc._dcn_fwd_tuned.configs[0])
+        check_against_torchvision(make_problem(**{**CASES[case], "b": 2, "h": 15, "w": 22}, dtype=torch.float64))
+    assert splits and min(splits) > 1
 
 
 def test_attention_prune_splits_exact_and_tensor_core_tiles():
@@ -69,3 +94,29 @@ def test_every_attention_config(monkeypatch, kernel):
         for name, a, e in zip(NAMES, triton_all(q, k, v, 0.6, grad_out), want):
             torch.testing.assert_close(a, e, rtol=TOL[torch.float64], atol=TOL[torch.float64],
                                        msg=lambda m, n=name, c=config: f"{n} with {c}: {m}")
+
+
+def test_tf32_follows_both_of_torchs_settings():
+    from megan_fast.triton._utils import exact_products, tf32_allowed
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    matmul = torch.backends.cuda.matmul
+    before = getattr(matmul, "fp32_precision", None)
+    legacy_before = None if before is not None else matmul.allow_tf32
+    try:
+        assert not tf32_allowed() and exact_products(torch.float32, cuda)
+        if before is not None:
+            matmul.fp32_precision = "tf32"  # the current API; reading allow_tf32 now would raise
+            assert tf32_allowed() and not exact_products(torch.float32, cuda)
+            matmul.fp32_precision = "ieee"
+            assert exact_products(torch.float32, cuda)
+        matmul.allow_tf32 = True  # the legacy API
+        assert tf32_allowed() and not exact_products(torch.float32, cuda)
+        # never TF32 for float64 or under the interpreter; fp16/bf16 are products in their own type
+        assert exact_products(torch.float64, cuda) and exact_products(torch.float32, cpu)
+        assert not exact_products(torch.float16, cuda) and not exact_products(torch.bfloat16, cpu)
+    finally:
+        if before is not None:
+            matmul.fp32_precision = before
+        else:
+            matmul.allow_tf32 = legacy_before

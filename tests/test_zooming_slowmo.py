@@ -13,11 +13,10 @@ import pickle
 import pytest
 import torch
 
-from _official import official_forward, official_shapes, official_state_dict
+from _official import assert_native_equals_reference, official_forward, official_shapes, official_state_dict
 from megan_fast.cli.main import main
 from megan_fast.errors import CheckpointError
 from megan_fast.models import MEGAN, MEGANConfig, load_model
-from megan_fast.ops import use_backend
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -200,16 +199,8 @@ def test_each_switch_native_equals_reference(switch):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     x = torch.rand(1, 3, 3, 8, 8, dtype=torch.float64)
-    res = {}
-    for backend in ("native", "reference"):
-        model.zero_grad(set_to_none=True)
-        with use_backend(backend):
-            out = model(x, memory_indices=[0, 2]) if model.lmga is not None else model(x)
-            out.square().mean().backward()
-        res[backend] = (out.detach(), [p.grad.clone() for p in model.parameters()])
-    torch.testing.assert_close(res["native"][0], res["reference"][0], rtol=1e-10, atol=1e-12)
-    for a, e in zip(res["native"][1], res["reference"][1]):
-        torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-12)
+    assert_native_equals_reference(
+        model, lambda m: m(x, memory_indices=[0, 2]) if m.lmga is not None else m(x))
     names = set(model.state_dict())
     assert (not any(n.startswith("features.nonlocal") for n in names)) == (not model.config.nonlocal_blocks)
     assert (not any(n.startswith("lmga.") for n in names)) == (not model.config.lmga)

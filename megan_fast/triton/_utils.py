@@ -17,7 +17,7 @@ from torch import Tensor
 
 __all__ = [
     "INTERPRET", "KERNELS_ENV", "dot", "exact_products", "expect", "kernel_generation", "launch", "num_sms",
-    "numel_needs_int64", "runnable", "strided_needs_int64",
+    "numel_needs_int64", "runnable", "strided_needs_int64", "tf32_allowed",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once: triton reads it at import too
@@ -39,13 +39,25 @@ def kernel_generation() -> str:
 
 def exact_products(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether fp32/fp64 tiles go through ``tl.dot`` as exact IEEE products: always for float64 and on the
-    interpreter; for float32 on a GPU unless the user allowed TF32 (``torch.backends.cuda.matmul.allow_tf32``,
-    as torch's own matmuls do).  fp16/bf16 tiles are products in their own type either way (False)."""
+    interpreter; for float32 on a GPU unless the user allowed TF32 (:func:`tf32_allowed`, as for torch's own
+    matmuls).  fp16/bf16 tiles are products in their own type either way (False)."""
     if dtype == torch.float64:
         return True
     if dtype != torch.float32:
         return False
-    return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    return not (device.type == "cuda" and tf32_allowed())
+
+
+def tf32_allowed() -> bool:
+    """Whether the user allowed TF32 for fp32 matrix products, by either of torch's settings: the current one
+    (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, or ``torch.backends.fp32_precision``) or the legacy
+    ``allow_tf32`` (reading the legacy flag after the new one was set raises in torch >= 2.9; the new one
+    reflects both)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
 
 
 @triton.jit

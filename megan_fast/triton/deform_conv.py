@@ -181,6 +181,31 @@ def _corner_flags(y0, x0, H, W):
 
 
 @triton.jit
+def _chunk_corners(
+    off_ptr, msk_ptr, b, pix, oy, ox, p_ok, c_ok, k, og, ce, g,
+    C, H, W, HoWo, KW, K, Cg, OG,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_MASK: tl.constexpr, CDT: tl.constexpr,
+):
+    """A tile's per-chunk sample points ([BLOCK_P, NCHUNK, 1]) and its corner addresses ([.., .., CHUNK]).
+
+    Returns (ly, lx, hy, hx, m, ok, inside, live, obase, mbase, f00, f01, f10, f11, a00): see
+    :func:`_sample_points`; f** say which floor corners are inside the image (no early-out applied),
+    a00 is the channels-last address of corner (y0, x0) (the others: + C, + W*C, + W*C + C).
+    """
+    b3 = b[:, None, None]
+    live = p_ok[:, None, None] & c_ok[None, :, None]
+    ly, lx, y0, x0, m, ok, inside, obase, mbase = _sample_points(
+        off_ptr, msk_ptr, b3, pix[:, None, None], oy[:, None, None], ox[:, None, None], live,
+        k[None, :, None], og[None, :, None], H, W, HoWo, KW, K, OG,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CDT,
+    )
+    f00, f01, f10, f11 = _corner_flags(y0, x0, H, W)
+    a00 = ((b3 * H + y0) * W + x0) * C + g * Cg + ce[None, :, :]
+    return ly, lx, 1.0 - ly, 1.0 - lx, m, ok, inside, live, obase, mbase, f00, f01, f10, f11, a00
+
+
+@triton.jit
 def _sampled_columns(
     x_ptr, off_ptr, msk_ptr,
     b, pix, oy, ox, p_ok, c_ok, k, og, ce, g,
@@ -193,27 +218,19 @@ def _sampled_columns(
 
     Masked lanes (p >= P, r >= K*Cg) are 0.  x_ptr is the channels-last input.
     """
-    b3 = b[:, None, None]
-    live = p_ok[:, None, None] & c_ok[None, :, None]
-    ly, lx, y0, x0, m, ok, inside, obase, mbase = _sample_points(
-        off_ptr, msk_ptr, b3, pix[:, None, None], oy[:, None, None], ox[:, None, None], live,
-        k[None, :, None], og[None, :, None], H, W, HoWo, KW, K, OG,
+    ly, lx, hy, hx, m, ok, inside, live, obase, mbase, f00, f01, f10, f11, a00 = _chunk_corners(
+        off_ptr, msk_ptr, b, pix, oy, ox, p_ok, c_ok, k, og, ce, g, C, H, W, HoWo, KW, K, Cg, OG,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CDT,
     )
-    f00, f01, f10, f11 = _corner_flags(y0, x0, H, W)
     f00 = f00 & inside
     f01 = f01 & inside
     f10 = f10 & inside
     f11 = f11 & inside
-    hy = 1.0 - ly
-    hx = 1.0 - lx
     # Per-chunk weights with the mask folded in: 4 multiply-adds per element.
     w00 = m * hy * hx
     w01 = m * hy * lx
     w10 = m * ly * hx
     w11 = m * ly * lx
-    # Channels-last address of corner (y0, x0), channel g*Cg + ce.
-    a00 = ((b3 * H + y0) * W + x0) * C + g * Cg + ce[None, :, :]
     v = w00 * tl.load(x_ptr + a00, mask=f00, other=0.0).to(CDT)
     v += w01 * tl.load(x_ptr + a00 + C, mask=f01, other=0.0).to(CDT)
     v += w10 * tl.load(x_ptr + a00 + W * C, mask=f10, other=0.0).to(CDT)
@@ -319,17 +336,10 @@ def _dcn_bwd_data_kernel(
 
     # ---- sample points of the tile (per chunk)
     c_ok, k, og, ce = _decode_chunks(r0, g, KC, Cg, Cpo, NCHUNK, CHUNK)
-    b3 = b[:, None, None]
-    live = p_ok[:, None, None] & c_ok[None, :, None]
-    ly, lx, y0, x0, m, ok, inside, obase, mbase = _sample_points(
-        off_ptr, msk_ptr, b3, pix[:, None, None], oy[:, None, None], ox[:, None, None], live,
-        k[None, :, None], og[None, :, None], H, W, HoWo, KW, K, OG,
+    ly, lx, hy, hx, m, ok, inside, live, obase, mbase, f00, f01, f10, f11, a00 = _chunk_corners(
+        off_ptr, msk_ptr, b, pix, oy, ox, p_ok, c_ok, k, og, ce, g, C, H, W, HoWo, KW, K, Cg, OG,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CDT,
     )
-    f00, f01, f10, f11 = _corner_flags(y0, x0, H, W)
-    hy = 1.0 - ly
-    hx = 1.0 - lx
-    a00 = ((b3 * H + y0) * W + x0) * C + g * Cg + ce[None, :, :]
     a01 = a00 + C
     a10 = a00 + W * C
     a11 = a10 + C
@@ -456,17 +466,10 @@ def _dcn_bwd_one_pass_kernel(
         )
         gcol3 = tl.reshape(dot(go, wtt, None, IEEE), (BLOCK_P, NCHUNK, CHUNK))
 
-        b3 = b[:, None, None]
-        live = p_ok[:, None, None] & c_ok[None, :, None]
-        ly, lx, y0, x0, m, ok, inside, obase, mbase = _sample_points(
-            off_ptr, msk_ptr, b3, pix[:, None, None], oy[:, None, None], ox[:, None, None], live,
-            k[None, :, None], og[None, :, None], H, W, HoWo, KW, K, OG,
+        ly, lx, hy, hx, m, ok, inside, live, obase, mbase, f00, f01, f10, f11, a00 = _chunk_corners(
+            off_ptr, msk_ptr, b, pix, oy, ox, p_ok, c_ok, k, og, ce, g, C, H, W, HoWo, KW, K, Cg, OG,
             stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CDT,
         )
-        f00, f01, f10, f11 = _corner_flags(y0, x0, H, W)
-        hy = 1.0 - ly
-        hx = 1.0 - lx
-        a00 = ((b3 * H + y0) * W + x0) * C + g * Cg + ce[None, :, :]
         # The one gather: corner values without the early-out (the offset gradient needs
         # them at y = -1 exactly); the early-out is applied to the bilinear value below.
         v00 = tl.load(x_ptr + a00, mask=f00, other=0.0).to(CDT)
@@ -773,7 +776,8 @@ def _backward_one_pass(gout, x, offset_c, mask_c, wt, gin, geo, common, device, 
         split = max(1, min(runs, triton.cdiv(4 * num_sms(device), triton.cdiv(geo["KC"], 32) * geo["G"])))
         pix_per_split = triton.cdiv(runs, split) * _SPLIT_PIXELS
     else:
-        pix_per_split = 32  # interpreter (BLOCK_P = 16): several splits of two tiles on tiny problems
+        # interpreter (BLOCK_P = 16): at most 4 splits (the partial buffer stays small), several tiles each
+        pix_per_split = max(32, triton.cdiv(triton.cdiv(geo["P"], 4), 16) * 16)
     split = triton.cdiv(geo["P"], pix_per_split)
     part = torch.empty(split, geo["G"], geo["KC"], geo["Cog"], dtype=acc_dtype, device=device)
     args = (gout, x, offset_c, mask_c if mask_c is not None else offset_c, wt, gin, goff, gmsk, part,
