@@ -70,22 +70,29 @@ def _tiled(tile: int | None, h: int, w: int) -> bool:
     return tile is not None and (tile < h or tile < w)
 
 
+MAX_RATE = 64  # frames per input frame: a whole window's in-between frames go through the model at once
+
+
 def rate_times(rate: int) -> list[float] | None:
     """The in-between times of a frame rate ``rate`` x the input's: [1/rate, ..., (rate-1)/rate]; None for 2
-    (the model's default, the halfway frame)."""
-    if not isinstance(rate, int) or isinstance(rate, bool) or rate < 2:
-        raise ValueError(f"rate must be an integer >= 2, got {rate!r}")
+    (the model's default, the halfway frame).  ``rate``: an integer in [2, MAX_RATE]."""
+    _check_rate_value(rate)
     return None if rate == 2 else [i / rate for i in range(1, rate)]
+
+
+def _check_rate_value(rate, what: str = "rate") -> None:
+    if not isinstance(rate, int) or isinstance(rate, bool) or not 2 <= rate <= MAX_RATE:
+        raise ValueError(f"{what} must be an integer from 2 to {MAX_RATE}, got {rate!r}")
 
 
 def check_rate(model: MEGAN, rate: int, what: str = "rate") -> list[float] | None:
     """:func:`rate_times`, refusing a rate other than 2 for a model that makes only the halfway frame (the
     message names the argument ``what``)."""
-    times = rate_times(rate)
-    if times is not None and not model.config.any_times:
+    _check_rate_value(rate, what)
+    if rate != 2 and not model.config.any_times:
         raise ValueError(f"{what} {rate} needs a model that makes frames at any time (TMNet); this "
                          f"{model.config.family_name} model makes only the halfway frame (rate 2)")
-    return times
+    return rate_times(rate)
 
 
 def run_window(model: MEGAN, window: Tensor, tile: int | None = None, tile_overlap: int = 16,

@@ -210,8 +210,9 @@ def test_every_output_frame_once_at_any_rate(rate):
         out = upscale_frames(model, x, rate=rate, batch=2)
         assert out.shape[0] == rate * (t - 1) + 1
         torch.testing.assert_close(out, bicubic_blend(x.unsqueeze(0), times)[0], rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="rate must be an integer >= 2"):
-        upscale_frames(model, x, rate=1)
+    for bad in (1, 65, 2.0, True):
+        with pytest.raises(ValueError, match="rate must be an integer from 2 to 64"):
+            upscale_frames(model, x, rate=bad)
     zsm = MEGAN(MEGANConfig.zooming_slowmo(**TINY)).eval()
     with pytest.raises(ValueError, match="rate 4 needs a model that makes frames at any time"):
         upscale_frames(zsm, x, rate=4)
@@ -250,6 +251,11 @@ def test_upscale_and_eval_refuse_a_rate_the_model_cannot_make(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["upscale", frames, str(tmp_path / "up"), "--rate", "1"])
     assert info.value.code == 2 and "argument --rate: expected an integer >= 2" in capsys.readouterr().err
+    # a huge rate is refused at once (the times are not built first), before the model is asked
+    assert main(["upscale", frames, str(tmp_path / "up"), "--checkpoint", megan, "--rate", "10" * 10]) == 2
+    assert "--rate must be an integer from 2 to 64" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", megan, "--data", str(tmp_path), "--rate", "10" * 10]) == 2
+    assert "--rate must be an integer from 2 to 64" in capsys.readouterr().err
     assert not (tmp_path / "up").exists()
 
 
@@ -275,3 +281,77 @@ def test_eval_rate_4_scores_every_frame_once_with_per_time_averages(tmp_path, ca
     # inputs are re-made, in-between frames are blends: the inputs score higher
     assert clip["per_time"]["0"]["psnr_y"] > clip["per_time"]["1/2"]["psnr_y"]
     assert "t = 1/4" in capsys.readouterr().out
+
+
+def test_a_stray_tmnet_tensor_in_a_zooming_slowmo_file_is_named_as_such(tmp_path):
+    from _official import official_state_dict as zsm_state
+
+    state = zsm_state(nf=64, front=2, back=1, groups=8)
+    state["layersFusion.0.weight"] = torch.zeros(192, 192, 1, 1)
+    torch.save(state, tmp_path / "zsm_plus.pth")
+    with pytest.raises(CheckpointError, match=r"not the Zooming Slow-Mo network: tensors 1 unexpected "
+                                              r"\('layersFusion.0.weight'\)"):
+        load_model(tmp_path / "zsm_plus.pth")
+
+
+def test_times_are_checked_in_the_inputs_dtype_and_take_any_real_number():
+    import fractions
+
+    import numpy as np
+
+    model = MEGAN(MEGANConfig.tmnet(**TINY)).eval()
+    x = torch.rand(1, 2, 3, 8, 8)
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        model(x, times=[0.99999999])  # 1.0 in float32
+    with pytest.raises(ValueError, match=r"must increase in bfloat16, the input's dtype .* got 0.5 then 0.5"):
+        model(x.bfloat16(), times=[0.5, 0.501])
+    with pytest.raises(ValueError, match=r"got a ndarray$"):
+        model(x, times=np.zeros((2, 2)))
+    with pytest.raises(ValueError) as info:
+        model(x, times=[1 - i / 10000 for i in range(1, 5000)])
+    assert len(str(info.value)) < 200
+    with pytest.raises(ValueError, match="dense tensor"):
+        model(x, times=torch.tensor([[0.5]]).to_sparse())
+    with torch.no_grad():
+        a = model(x, times=[np.float32(0.25), fractions.Fraction(1, 2)])
+        b = model(x, times=[0.25, 0.5])
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_eval_rate_on_the_vimeo_layout_makes_the_lr_of_every_frame(tmp_path, capsys):
+    import json
+
+    from megan_fast.data import synthetic
+
+    clip = synthetic.make_clip("coffee", 7, size=(16, 16), seed=3)
+    synthetic.write_vimeo_layout(str(tmp_path / "vimeo"), {"00001/0001": clip},
+                                 lists={"sep_trainlist.txt": ["00001/0001"], "sep_testlist.txt": ["00001/0001"]})
+    synthetic.write_clip_folder(clip, str(tmp_path / "folders" / "00001_0001"))
+    ckpt = tiny_tmnet(tmp_path / "tm", global_skip=True)
+    scores = {}
+    for layout in ("vimeo", "folders"):
+        out = tmp_path / f"{layout}.json"
+        assert main(["eval", "--checkpoint", ckpt, "--data", str(tmp_path / layout), "--rate", "3", "--json",
+                     str(out), "--device", "cpu"]) == 0
+        report = json.loads(out.read_text())
+        scores[layout] = next(iter(report["clips"].values()))
+    # the septuplet's LR folder holds frames 1, 3, 5, 7 only: at rate 3 the inputs are frames 1, 4, 7
+    for label, score in scores["folders"]["per_time"].items():
+        assert scores["vimeo"]["per_time"][label] == pytest.approx(score)
+    assert scores["vimeo"]["psnr_y"] == pytest.approx(scores["folders"]["psnr_y"])
+    assert main(["eval", "--checkpoint", ckpt, "--data", str(tmp_path / "vimeo"), "--lq", str(tmp_path / "vimeo"),
+                 "--rate", "3"]) == 2
+    assert "LR frames are those of frames 1, 3, 5, 7 only" in capsys.readouterr().err
+
+
+def test_upscale_refuses_rates_finer_than_a_matroska_millisecond(tmp_path, capsys):
+    pytest.importorskip("av", reason="PyAV is needed for video files")
+    from _media import make_video
+
+    ckpt = tiny_tmnet(tmp_path / "tm")
+    src = make_video(tmp_path / "in.mp4", frames=4, fps=240, audio=False)
+    for ext in ("mkv", "webm"):
+        assert main(["upscale", src, str(tmp_path / f"o.{ext}"), "--checkpoint", ckpt, "--rate", "8"]) == 2
+        assert f"1920 fps needs timestamps finer than the millisecond that .{ext} stores" in capsys.readouterr().err
+        assert not (tmp_path / f"o.{ext}").exists()
+    assert main(["upscale", src, str(tmp_path / "o.mp4"), "--checkpoint", ckpt, "--rate", "8", "--device", "cpu"]) == 0

@@ -34,7 +34,9 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("eval", help="score a checkpoint with the papers' protocol (Y-channel PSNR/SSIM)",
                        description="Windows of 7 frames (stride 6, last aligned to the end), inputs = the "
-                       "window's odd frames, outputs rounded to uint8, Y channel (BT.601), every frame scored once.")
+                       "window's odd frames, outputs rounded to uint8, Y channel (BT.601), every frame scored once. "
+                       "With --rate K (TMNet): windows of K(n - 1) + 1 frames for n input frames, inputs every "
+                       "K-th frame, scores per time too.")
     p.add_argument("--checkpoint", required=True, help=_common.CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help="folder of clip folders (Vid4/Adobe style) or a Vimeo-90K root")
     p.add_argument("--lq", default=None, help="pre-made LR frames (same layout); default: MATLAB bicubic x4")
@@ -96,8 +98,13 @@ def _clip_source(args: argparse.Namespace):
     """The clips of ``--data`` (read and checked now), as a function that yields (name, gt, lq)."""
     from megan_fast import data
 
+    rate = getattr(args, "rate", 2)
+    vimeo_layout = os.path.isdir(os.path.join(args.data, "sequences"))
+    if vimeo_layout and rate != 2 and args.lq is not None:
+        raise UsageError(f"--rate {rate} with the Vimeo-90K layout: its LR frames are those of frames 1, 3, 5, 7 "
+                         "only; leave out --lq to make the LR of every ground-truth frame")
     try:
-        if os.path.isdir(os.path.join(args.data, "sequences")):
+        if vimeo_layout:
             ds = data.Vimeo90KSeptuplet(args.data, split=args.split, lq_root=args.lq)
             _check_clip_sizes(
                 (key, [os.path.join(ds.seq_dir, key, f"im{i}.png") for i in range(1, 8)],
@@ -107,6 +114,9 @@ def _clip_source(args: argparse.Namespace):
             def vimeo():
                 for i in range(len(ds)):
                     item = ds[i]  # test splits: whole septuplet, LR of frames 1, 3, 5, 7
+                    if rate != 2:  # inputs every rate-th frame: the LR of every frame, made by the protocol
+                        yield item["key"], item["gt"], None
+                        continue
                     # One 7-frame window whose inputs are the odd frames: the even slots are never read.
                     lq = item["lq"].new_zeros(7, *item["lq"].shape[1:])
                     lq[0::2] = item["lq"]

@@ -27,7 +27,7 @@ FRAMES_KIND = outputs.Kind("folder of PNG frames", folder=True, entries=FrameFol
 
 
 def add_parser(sub) -> None:
-    from megan_fast.inference import COMPILE_MODES
+    from megan_fast.inference import COMPILE_MODES, MAX_RATE
     from megan_fast.video import VIDEO_OUTPUTS
 
     p = sub.add_parser(
@@ -55,8 +55,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype on CUDA devices: bfloat16/float16 use autocast (a CPU runs float32)")
     p.add_argument("--rate", type=int_at_least(2), default=2,
-                   help="output frame rate / input frame rate, an integer >= 2: K - 1 new frames between two "
-                   "inputs (default 2; more needs a model that makes frames at any time: TMNet)")
+                   help=f"output frame rate / input frame rate, an integer from 2 to {MAX_RATE}: K - 1 new frames "
+                   "between two inputs (default 2; more needs a model that makes frames at any time: TMNet)")
     p.add_argument("--fps", type=frame_rate, default=25.0, help="frame rate of a frame-folder input (default 25)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUTPUT if it is an earlier megan-fast output (never anything else)")
@@ -88,8 +88,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--tile-overlap {args.tile_overlap} must be smaller than --tile {args.tile}")
     device = resolve_device(args.device)
     dtype = compute_dtype(device, args.dtype)
+    from megan_fast.inference import MAX_RATE
+
+    if args.rate > MAX_RATE:
+        raise UsageError(f"--rate must be an integer from 2 to {MAX_RATE}, got {args.rate}")
     info = video.probe(src, folder_fps=args.fps)
     out_w, out_h = 4 * info.width, 4 * info.height
+    if fmt in (".mkv", ".webm") and info.fps * args.rate > 1000:
+        raise UsageError(f"--rate {args.rate}: {float(info.fps * args.rate):g} fps needs timestamps finer than "
+                         f"the millisecond that {fmt} stores; write .mp4 or .mov")
     if fmt:
         video.check_video_output(args.output, out_w, out_h, src if info.has_audio else None)
     model = _common.load_model(checkpoint, device)
@@ -160,8 +167,8 @@ def run(args: argparse.Namespace) -> int:
         warnings.warn(message, stacklevel=1)
     elapsed = time.perf_counter() - start
     print(
-        f"upscaled {reader.decoded} frames ({info.width}x{info.height}, {float(info.fps):.3g} fps) -> "
-        f"{writer.count} frames ({out_w}x{out_h}, {float(info.fps * rate):.3g} fps) in {elapsed:.1f} s "
+        f"upscaled {reader.decoded} frames ({info.width}x{info.height}, {float(info.fps):g} fps) -> "
+        f"{writer.count} frames ({out_w}x{out_h}, {float(info.fps * rate):g} fps) in {elapsed:.1f} s "
         f"({writer.count / elapsed:.2f} frames/s); wrote {args.output}"
     )
     return 0

@@ -165,7 +165,9 @@ def from_official_state_dict(state: dict[str, Tensor], source: str = "state dict
     naming the missing and unexpected tensors and the shape mismatches (the
     first few of each, with the official names).
     """
-    tmnet = any(k.startswith(_TMNET_PREFIXES) for k in state)
+    # TMNet when it has at least half of TMNet's own tensors (a stray one is an unexpected tensor of the other)
+    own_tmnet = len(official_names(0, 0, tmnet=True)) - len(official_names(0, 0))
+    tmnet = 2 * sum(k.startswith(_TMNET_PREFIXES) for k in state) >= own_tmnet
     preset, network = (MEGANConfig.tmnet, "TMNet") if tmnet else (MEGANConfig.zooming_slowmo, "Zooming Slow-Mo")
     first = state.get("conv_first.weight")
     nf = int(first.shape[0]) if first is not None and first.dim() == 4 else 64

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import re
+import struct
 from typing import Any
 
 import torch
@@ -413,38 +415,70 @@ _HALFWAY_ONLY = ("MEGAN: this model makes only the frame halfway between two inp
 
 def _check_times(times, b: int, modulated: bool, like: Tensor) -> tuple[int, Tensor | None]:
     """(k, the times as a (b, k) tensor on like's device and dtype, or None when the model is not
-    time-modulated).  Errors name ``times`` and what was expected."""
+    time-modulated).  The values are checked in that dtype (0.999 is 1.0 in bfloat16).  Errors name
+    ``times`` and what was expected, in one line."""
     if times is None:
         times = [0.5]
     if isinstance(times, Tensor):
+        if times.layout != torch.strided or times.is_meta:
+            raise ValueError(f"MEGAN: times must be a dense tensor of values, got a {times.layout} tensor on "
+                             f"{times.device}")
         if times.dim() != 2 or times.shape[0] != b or times.shape[1] < 1 or not times.is_floating_point():
             raise ValueError(f"MEGAN: times as a tensor must be floating point of shape (b, k) = ({b}, k >= 1), "
                              f"got {tuple(times.shape)} {times.dtype}")
-        values = times.detach()
-        if not bool(((values > 0) & (values < 1)).all()):  # False for NaN too
-            raise ValueError("MEGAN: times must lie strictly between 0 and 1 (0 and 1 are the input frames)")
-        if times.shape[1] > 1 and not bool((values[:, 1:] > values[:, :-1]).all()):
-            raise ValueError("MEGAN: times must increase along each row (the frames come out in time order)")
+        cast = times.to(device=like.device, dtype=like.dtype)
+        _check_time_values(cast.detach(), like.dtype)
         if not modulated:
-            if times.shape[1] != 1 or not bool((values == 0.5).all()):
+            if times.shape[1] != 1 or not bool((cast == 0.5).all()):
                 raise ValueError(_HALFWAY_ONLY)
             return 1, None
-        return times.shape[1], times.to(device=like.device, dtype=like.dtype)
+        return times.shape[1], cast
     if not isinstance(times, (list, tuple)) or not times:
+        shown = repr(times) if isinstance(times, (list, tuple, str, int, float)) else f"a {type(times).__name__}"
         raise ValueError(f"MEGAN: times must be a non-empty list of floats in (0, 1) or a (b, k) tensor, got "
-                         f"{times!r}")
+                         f"{shown[:80]}")
     for v in times:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-            raise ValueError(f"MEGAN: times must be floats strictly between 0 and 1, got {v!r}")
-    if any(b2 <= a for a, b2 in zip(times, times[1:])):
-        raise ValueError(f"MEGAN: times must increase (the frames come out in time order), got {list(times)}")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < float(v) < 1:
+            raise ValueError(f"MEGAN: times must be floats strictly between 0 and 1, got {str(v)[:40]}")
+    values = [float(v) for v in times]
+    if not torch.compiler.is_compiling():  # plain Python on constants: checked once, outside any graph
+        rounded = [_round_to(v, like.dtype) for v in values]
+        where = "" if like.dtype == torch.float32 else f" in {str(like.dtype).removeprefix('torch.')}, the input's dtype"
+        if not all(0 < v < 1 for v in rounded):
+            raise ValueError(f"MEGAN: times must lie strictly between 0 and 1{where} (0 and 1 are the input frames)")
+        for a, b_ in zip(rounded, rounded[1:]):
+            if not b_ > a:
+                raise ValueError(f"MEGAN: times must increase{where} (the frames come out in time order), got "
+                                 f"{a:g} then {b_:g}")
     if not modulated:
-        if list(times) != [0.5]:
+        if values != [0.5]:
             raise ValueError(_HALFWAY_ONLY)
         return 1, None
     # One fill per time (no host-to-device copy: capturable in a CUDA graph), then a row per sample.
-    row = torch.cat([like.new_full((1,), float(v)) for v in times])
+    row = torch.cat([like.new_full((1,), v) for v in values])
     return len(times), row.unsqueeze(0).expand(b, len(times))
+
+
+def _round_to(v: float, dtype: torch.dtype) -> float:
+    """A Python float rounded to ``dtype`` as a tensor of it would hold it (round to nearest even)."""
+    if dtype == torch.float32:
+        return struct.unpack("f", struct.pack("f", v))[0]
+    if dtype == torch.float16:
+        return struct.unpack("e", struct.pack("e", v))[0]
+    if dtype == torch.bfloat16:
+        bits = struct.unpack("I", struct.pack("f", v))[0]
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return struct.unpack("f", struct.pack("I", bits))[0]
+    return v
+
+
+def _check_time_values(values: Tensor, dtype: torch.dtype) -> None:
+    """(b, k) times in the compute dtype: strictly inside (0, 1), increasing along each row."""
+    where = "" if dtype == torch.float32 else f" in {str(dtype).removeprefix('torch.')}, the input's dtype"
+    if not bool(((values > 0) & (values < 1)).all()):  # False for NaN too
+        raise ValueError(f"MEGAN: times must lie strictly between 0 and 1{where} (0 and 1 are the input frames)")
+    if values.shape[1] > 1 and not bool((values[:, 1:] > values[:, :-1]).all()):
+        raise ValueError(f"MEGAN: times must increase along each row{where} (the frames come out in time order)")
 
 
 def _min_tensors(cfg: MEGANConfig) -> int:
