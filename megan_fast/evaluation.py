@@ -32,6 +32,7 @@ from torch import Tensor
 
 from megan_fast.inference import check_rate, run_window, window_starts
 from megan_fast.models.baseline import bicubic_blend
+from megan_fast.models.megan import output_frames
 
 
 __all__ = [
@@ -59,7 +60,7 @@ def predict_clip(predict: Callable[[Tensor], Tensor], gt: Tensor, lq: Tensor, n_
         rate: ground-truth frames per input frame (the inputs are every rate-th frame of a window).
         phases: filled with {gt frame index: j}, the frame's time j / rate after its window's input.
     """
-    t_out = rate * (n_in - 1) + 1
+    t_out = output_frames(n_in, rate - 1)
     preds: dict[int, Tensor] = {}
     for s in window_starts(gt.shape[0], t_out):
         out = predict(lq[s : s + t_out : rate])
@@ -150,7 +151,7 @@ def evaluate(
 
     n_in = model.config.num_input_frames
     times = check_rate(model, rate)
-    t_out = rate * (n_in - 1) + 1
+    t_out = output_frames(n_in, rate - 1)
     model.eval()
 
     def predict(lq: Tensor) -> Tensor:

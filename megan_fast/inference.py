@@ -27,6 +27,7 @@ from torch import Tensor
 
 from megan_fast.errors import InputError
 from megan_fast.models import MEGAN
+from megan_fast.models.megan import output_frames
 
 
 class TooShortError(InputError):
@@ -76,11 +77,12 @@ MAX_RATE = 64  # frames per input frame: a whole window's in-between frames go t
 def rate_times(rate: int) -> list[float] | None:
     """The in-between times of a frame rate ``rate`` x the input's: [1/rate, ..., (rate-1)/rate]; None for 2
     (the model's default, the halfway frame).  ``rate``: an integer in [2, MAX_RATE]."""
-    _check_rate_value(rate)
+    check_rate_value(rate)
     return None if rate == 2 else [i / rate for i in range(1, rate)]
 
 
-def _check_rate_value(rate, what: str = "rate") -> None:
+def check_rate_value(rate, what: str = "rate") -> None:
+    """Refuses (ValueError naming ``what``) a rate that is not an integer in [2, MAX_RATE]."""
     if not isinstance(rate, int) or isinstance(rate, bool) or not 2 <= rate <= MAX_RATE:
         raise ValueError(f"{what} must be an integer from 2 to {MAX_RATE}, got {rate!r}")
 
@@ -88,7 +90,7 @@ def _check_rate_value(rate, what: str = "rate") -> None:
 def check_rate(model: MEGAN, rate: int, what: str = "rate") -> list[float] | None:
     """:func:`rate_times`, refusing a rate other than 2 for a model that makes only the halfway frame (the
     message names the argument ``what``)."""
-    _check_rate_value(rate, what)
+    check_rate_value(rate, what)
     if rate != 2 and not model.config.any_times:
         raise ValueError(f"{what} {rate} needs a model that makes frames at any time (TMNet); this "
                          f"{model.config.family_name} model makes only the halfway frame (rate 2)")
@@ -215,8 +217,8 @@ def iter_upscale(
     if seen < n_in:
         raise TooShortError(f"the clip has {seen} frames but the model needs at least {n_in}")
     # output frames made once pending runs
-    covered = rate * (pending[-1] + n_in - 1) + 1 if pending else emitted
-    if covered < rate * (seen - 1) + 1:
+    covered = rate * pending[-1] + output_frames(n_in, rate - 1) if pending else emitted
+    if covered < output_frames(seen, rate - 1):
         pending.append(seen - n_in)  # the last window, aligned to the end
     if pending:
         yield from run(pending)
@@ -269,7 +271,7 @@ def upscale_frames(
     """
     n_in = model.config.num_input_frames
     rate_times(rate)
-    per_window = rate * (n_in - 1) + 1
+    per_window = output_frames(n_in, rate - 1)
     if window is not None and window != per_window:
         raise ValueError(f"window must be {per_window} output frames for a model with {n_in} input frames")
     if frames.dim() != 4 or frames.shape[1] != 3:

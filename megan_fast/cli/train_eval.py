@@ -98,7 +98,7 @@ def _clip_source(args: argparse.Namespace):
     """The clips of ``--data`` (read and checked now), as a function that yields (name, gt, lq)."""
     from megan_fast import data
 
-    rate = getattr(args, "rate", 2)
+    rate = args.rate
     vimeo_layout = os.path.isdir(os.path.join(args.data, "sequences"))
     if vimeo_layout and rate != 2 and args.lq is not None:
         raise UsageError(f"--rate {rate} with the Vimeo-90K layout: its LR frames are those of frames 1, 3, 5, 7 "

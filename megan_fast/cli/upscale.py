@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
     from megan_fast import video
     from megan_fast.background import BackgroundWriter, prefetch
-    from megan_fast.inference import TooShortError, check_rate, compile_model, iter_upscale
+    from megan_fast.models.megan import output_frames
+    from megan_fast.inference import TooShortError, check_rate, check_rate_value, compile_model, iter_upscale
 
     src = args.input
     if not src or not src.strip():
@@ -88,10 +89,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--tile-overlap {args.tile_overlap} must be smaller than --tile {args.tile}")
     device = resolve_device(args.device)
     dtype = compute_dtype(device, args.dtype)
-    from megan_fast.inference import MAX_RATE
-
-    if args.rate > MAX_RATE:
-        raise UsageError(f"--rate must be an integer from 2 to {MAX_RATE}, got {args.rate}")
+    try:
+        check_rate_value(args.rate, "--rate")  # before probing the input; the model is asked once loaded
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     info = video.probe(src, folder_fps=args.fps)
     out_w, out_h = 4 * info.width, 4 * info.height
     if fmt in (".mkv", ".webm") and info.fps * args.rate > 1000:
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             yield frame
 
     rate = args.rate
-    total = rate * (info.num_frames - 1) + 1 if info.num_frames else None
+    total = output_frames(info.num_frames, rate - 1) if info.num_frames else None
     start = time.perf_counter()
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     target = out.atomic_file() if fmt else out.atomic_folder()

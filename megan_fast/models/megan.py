@@ -427,7 +427,7 @@ def _check_times(times, b: int, modulated: bool, like: Tensor) -> tuple[int, Ten
             raise ValueError(f"MEGAN: times as a tensor must be floating point of shape (b, k) = ({b}, k >= 1), "
                              f"got {tuple(times.shape)} {times.dtype}")
         cast = times.to(device=like.device, dtype=like.dtype)
-        _check_time_values(cast.detach(), like.dtype)
+        _check_time_rows(cast.detach().tolist(), like.dtype, " along each row")
         if not modulated:
             if times.shape[1] != 1 or not bool((cast == 0.5).all()):
                 raise ValueError(_HALFWAY_ONLY)
@@ -442,14 +442,7 @@ def _check_times(times, b: int, modulated: bool, like: Tensor) -> tuple[int, Ten
             raise ValueError(f"MEGAN: times must be floats strictly between 0 and 1, got {str(v)[:40]}")
     values = [float(v) for v in times]
     if not torch.compiler.is_compiling():  # plain Python on constants: checked once, outside any graph
-        rounded = [_round_to(v, like.dtype) for v in values]
-        where = "" if like.dtype == torch.float32 else f" in {str(like.dtype).removeprefix('torch.')}, the input's dtype"
-        if not all(0 < v < 1 for v in rounded):
-            raise ValueError(f"MEGAN: times must lie strictly between 0 and 1{where} (0 and 1 are the input frames)")
-        for a, b_ in zip(rounded, rounded[1:]):
-            if not b_ > a:
-                raise ValueError(f"MEGAN: times must increase{where} (the frames come out in time order), got "
-                                 f"{a:g} then {b_:g}")
+        _check_time_rows([[_round_to(v, like.dtype) for v in values]], like.dtype)
     if not modulated:
         if values != [0.5]:
             raise ValueError(_HALFWAY_ONLY)
@@ -472,13 +465,16 @@ def _round_to(v: float, dtype: torch.dtype) -> float:
     return v
 
 
-def _check_time_values(values: Tensor, dtype: torch.dtype) -> None:
-    """(b, k) times in the compute dtype: strictly inside (0, 1), increasing along each row."""
+def _check_time_rows(rows: list[list[float]], dtype: torch.dtype, along: str = "") -> None:
+    """Times as the compute dtype holds them, a row per sample: strictly inside (0, 1), increasing."""
     where = "" if dtype == torch.float32 else f" in {str(dtype).removeprefix('torch.')}, the input's dtype"
-    if not bool(((values > 0) & (values < 1)).all()):  # False for NaN too
-        raise ValueError(f"MEGAN: times must lie strictly between 0 and 1{where} (0 and 1 are the input frames)")
-    if values.shape[1] > 1 and not bool((values[:, 1:] > values[:, :-1]).all()):
-        raise ValueError(f"MEGAN: times must increase along each row{where} (the frames come out in time order)")
+    for row in rows:
+        if not all(0 < v < 1 for v in row):  # False for NaN too
+            raise ValueError(f"MEGAN: times must lie strictly between 0 and 1{where} (0 and 1 are the input frames)")
+        for a, b in zip(row, row[1:]):
+            if not b > a:
+                raise ValueError(f"MEGAN: times must increase{along}{where} (the frames come out in time order), "
+                                 f"got {a:g} then {b:g}")
 
 
 def _min_tensors(cfg: MEGANConfig) -> int:

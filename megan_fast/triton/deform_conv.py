@@ -521,7 +521,7 @@ def _dcn_bwd_one_pass_kernel(
 
 
 def _chunk_of(args: dict) -> int:
-    return min(_pow2_factor(math.gcd(args["Cg"], args["Cpo"])), args["BLOCK_K"])
+    return min(_chunk_base(args["Cg"], args["Cpo"]), args["BLOCK_K"])
 
 
 _CHUNK_HEURISTICS = {"CHUNK": _chunk_of}
@@ -565,6 +565,12 @@ def _pow2_factor(n: int) -> int:
     return n & -n
 
 
+def _chunk_base(cg: int, cpo: int) -> int:
+    """Channels that share one sample point at most: the largest power of two dividing Cg and Cpo (before the
+    BLOCK_K cap)."""
+    return _pow2_factor(math.gcd(cg, cpo))
+
+
 def _geometry(input: Tensor, offset: Tensor, weight: Tensor, stride, padding, dilation) -> dict:
     b, c, h, w = input.shape
     co, cg, kh, kw = weight.shape
@@ -587,7 +593,7 @@ def _geometry(input: Tensor, offset: Tensor, weight: Tensor, stride, padding, di
         OG=og, Cpo=cpo, Ho=ho, Wo=wo, P=b * ho * wo,
         conv=(sh, sw, ph, pw, dh, dw),
         # A chunk of channels shares one tap and one offset group (see the module docstring).
-        chunk_base=_pow2_factor(math.gcd(cg, cpo)),
+        chunk_base=_chunk_base(cg, cpo),
     )
 
 
