@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from megan_fast.inference import check_rate, run_window, window_starts
+from megan_fast.inference import TooShortError, check_rate, clip_window, run_window, window_starts
 from megan_fast.models.baseline import bicubic_blend
 from megan_fast.models.megan import output_frames
 
@@ -137,6 +137,7 @@ def evaluate(
     clips: Iterable[tuple[str, Tensor, Tensor | None]],
     device: torch.device | str = "cpu",
     tile: int | None = None,
+    tile_overlap: int | None = None,
     save_dir: str | None = None,
     baselines: bool = True,
     progress: Callable[[str], None] | None = None,
@@ -156,22 +157,27 @@ def evaluate(
 
     def predict(lq: Tensor) -> Tensor:
         with torch.no_grad():
-            return run_window(model, lq.unsqueeze(0).to(device), tile, times=times)[0].float().cpu()
+            return run_window(model, lq.unsqueeze(0).to(device), tile, tile_overlap, times=times)[0].float().cpu()
 
     report: dict = {"clips": {}, "average": {}}
     base: dict = {"clips": {}, "average": {}}
     for name, gt, lq in clips:
+        n_clip = n_in  # a clip shorter than one window: the inputs it has, where the architecture allows
         if gt.shape[0] < t_out:
-            raise ValueError(f"clip {name!r} has {gt.shape[0]} frames; the protocol needs at least {t_out}")
+            try:
+                n_clip = clip_window(model, (gt.shape[0] - 1) // rate + 1)
+            except TooShortError as exc:
+                raise TooShortError(f"clip {name!r} has {gt.shape[0]} ground-truth frames, so "
+                                    f"{(gt.shape[0] - 1) // rate + 1} input(s) at rate {rate}: {exc}") from None
         if lq is None:
             lq = imresize(gt, scale=0.25)
         phases: dict[int, int] | None = {} if rate > 2 else None
-        preds = predict_clip(predict, gt, lq, n_in, rate, phases)
+        preds = predict_clip(predict, gt, lq, n_clip, rate, phases)
         report["clips"][name] = _as_dict(score_clip(preds, gt, phases, rate))
         if save_dir is not None:
             _save_frames(preds, os.path.join(save_dir, name))
         if baselines:
-            blend = predict_clip(lambda w: bicubic_blend(w, times), gt, lq, n_in, rate)
+            blend = predict_clip(lambda w: bicubic_blend(w, times), gt, lq, n_clip, rate)
             base["clips"][name] = _as_dict(score_clip(blend, gt, phases, rate))
         if progress is not None:
             s = report["clips"][name]

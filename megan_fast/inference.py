@@ -45,6 +45,28 @@ def window_starts(num_frames: int, n_in: int) -> list[int]:
     return starts
 
 
+def clip_window(model: MEGAN, num_frames: int) -> int:
+    """Input frames per window for a clip of ``num_frames``: the model's window, or the whole clip when it is
+    shorter and the architecture takes any number of frames >= 2 (Zooming Slow-Mo, TMNet: slow motion between
+    two frames).
+
+    Raises:
+        TooShortError: fewer than 2 frames, or fewer than MEGAN's fixed window.
+    """
+    cfg = model.config
+    n_in = cfg.num_input_frames
+    if num_frames >= n_in:
+        return n_in
+    if num_frames < 2:
+        raise TooShortError(f"the clip has {num_frames} frame{'s' if num_frames != 1 else ''}; at least 2 are needed "
+                            "(new frames are made between two inputs)")
+    if cfg.any_num_frames:
+        return num_frames
+    raise TooShortError(f"the clip has {num_frames} frames; {cfg.family_name} takes windows of exactly {n_in} input "
+                        "frames (its progressive fusion is sized for them), so it needs at least "
+                        f"{n_in}; Zooming Slow-Mo and TMNet take clips of 2 frames or more")
+
+
 def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     if tile >= size:
         return [0]
@@ -65,6 +87,14 @@ def _ramp(length: int, ramp: int, left: bool, right: bool, like: Tensor) -> Tens
         if right:
             w[-ramp:] = torch.minimum(w[-ramp:], r.flip(0))
     return w
+
+
+DEFAULT_TILE_OVERLAP = 16  # input pixels; tiles under 4 x this overlap by a quarter of their size
+
+
+def tile_overlap_for(tile: int, overlap: int | None = None) -> int:
+    """The overlap of ``tile``-pixel tiles: ``overlap`` if given, else 16, or ``tile // 4`` for tiles under 64."""
+    return min(DEFAULT_TILE_OVERLAP, tile // 4) if overlap is None else overlap
 
 
 def _tiled(tile: int | None, h: int, w: int) -> bool:
@@ -97,7 +127,7 @@ def check_rate(model: MEGAN, rate: int, what: str = "rate") -> list[float] | Non
     return rate_times(rate)
 
 
-def run_window(model: MEGAN, window: Tensor, tile: int | None = None, tile_overlap: int = 16,
+def run_window(model: MEGAN, window: Tensor, tile: int | None = None, tile_overlap: int | None = None,
                batch: int = 1, fixed_shape: bool = False, times: list[float] | None = None) -> Tensor:
     """Runs the model on one window, in spatial tiles if ``tile`` is given.
 
@@ -105,7 +135,8 @@ def run_window(model: MEGAN, window: Tensor, tile: int | None = None, tile_overl
         window: (b, n_in, 3, H, W) low-resolution input frames.
         tile: tile size in input pixels (None or >= H and W: one tile).
         tile_overlap: overlap of neighbouring tiles in input pixels; the
-            outputs are blended with linear ramps across the overlap.
+            outputs are blended with linear ramps across the overlap (None:
+            :func:`tile_overlap_for`'s default, 16 or a quarter of a small tile).
         batch: tiles per forward.
         fixed_shape: pad the last, partial batch of tiles (repeating its last
             tile) so that every forward has one shape: one compiled or graphed
@@ -124,6 +155,7 @@ def run_window(model: MEGAN, window: Tensor, tile: int | None = None, tile_overl
         return out.clone() if fixed_shape else out
     if tile < 4:
         raise ValueError(f"tile must be at least 4 input pixels, got {tile}")
+    tile_overlap = tile_overlap_for(tile, tile_overlap)
     if not 0 <= tile_overlap < tile:
         raise ValueError(f"tile_overlap must be in [0, tile), got {tile_overlap} with tile={tile}")
     th, tw = min(tile, h), min(tile, w)
@@ -153,7 +185,7 @@ def iter_upscale(
     model: MEGAN,
     frames: Iterable[Tensor],
     tile: int | None = None,
-    tile_overlap: int = 16,
+    tile_overlap: int | None = None,
     device: torch.device | str | None = None,
     batch: int = 1,
     fixed_shape: bool = False,
@@ -165,7 +197,8 @@ def iter_upscale(
     the default rate 2), holding at most n_in + (batch - 1) * (n_in - 1) input
     frames at a time.  Raises ValueError if the clip has fewer than n_in
     frames, or for a rate other than 2 with a model that makes only the
-    halfway frame (:func:`check_rate`).
+    halfway frame (:func:`check_rate`).  A clip shorter than n_in frames is one
+    window of all its frames where the architecture allows (:func:`clip_window`).
 
     ``batch`` windows go through the model in one forward (with a ``tile``
     smaller than the frames: ``batch`` tiles of one window).  The frames
@@ -214,8 +247,13 @@ def iter_upscale(
             if len(pending) == windows_per_call:
                 yield from run(pending)
                 pending = []
-    if seen < n_in:
-        raise TooShortError(f"the clip has {seen} frames but the model needs at least {n_in}")
+    if seen < n_in:  # a short clip: one window of all of it, where the architecture allows (clip_window)
+        clip_window(model, seen)
+        with torch.no_grad():
+            out = run_window(model, torch.stack(list(buffer), 0)[None].to(device), tile, tile_overlap, batch,
+                             fixed_shape, times)
+        yield from out[0].unbind(0)
+        return
     # output frames made once pending runs
     covered = rate * pending[-1] + output_frames(n_in, rate - 1) if pending else emitted
     if covered < output_frames(seen, rate - 1):
@@ -247,7 +285,7 @@ def upscale_frames(
     model: MEGAN,
     frames: Tensor,
     tile: int | None = None,
-    tile_overlap: int = 16,
+    tile_overlap: int | None = None,
     window: int | None = None,
     batch: int = 1,
     rate: int = 2,
@@ -259,7 +297,7 @@ def upscale_frames(
         frames: (t, 3, H, W) input frames, t >= n_in, values in [0, 1].
         tile: spatial tile size in input pixels, or None for whole frames.
             A tile covering the frame gives exactly the untiled result.
-        tile_overlap: tile overlap in input pixels (blended linearly).
+        tile_overlap: tile overlap in input pixels (blended linearly; None: 16, or a quarter of a tile under 64).
         window: output frames per temporal window; must be rate * (n_in - 1) + 1
             (the only size the model supports; default).
         batch: windows (with ``tile``: tiles) per forward; same frames as 1.

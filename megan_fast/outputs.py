@@ -339,6 +339,16 @@ class Output:
                       os.path.join(self.shown, name))
 
     @contextlib.contextmanager
+    def _naming_failures(self, tmp: str) -> Iterator[None]:
+        """A failed write (a full disk, a quota) names this output, not the temporary or nothing."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.filename is None or _within(os.path.abspath(os.fspath(exc.filename)), tmp):
+                raise OSError(exc.errno, exc.strerror or str(exc), self.shown) from None
+            raise
+
+    @contextlib.contextmanager
     def atomic_file(self) -> Iterator[str]:
         """Yields a temporary path beside the output; renamed onto it if the block succeeds, removed otherwise.
 
@@ -352,7 +362,8 @@ class Output:
                                            dir=os.path.dirname(self.path))
                 _live.add(tmp)
                 os.close(fd)
-            yield tmp
+            with self._naming_failures(tmp):
+                yield tmp
             os.chmod(tmp, 0o666 & ~umask())
             with signals_held():
                 self.check_existing()  # it may have appeared, or changed owner, while we worked
@@ -375,7 +386,8 @@ class Output:
             with signals_held():
                 tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=os.path.dirname(self.path))
                 _live.add(tmp)
-            yield tmp
+            with self._naming_failures(tmp):
+                yield tmp
             os.chmod(tmp, 0o777 & ~umask())
             with signals_held():
                 self.check_existing()

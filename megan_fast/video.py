@@ -44,6 +44,10 @@ UNSUPPORTED_OUTPUTS = (".avi", ".gif", ".apng", ".flv", ".f4v", ".wmv", ".asf", 
                        ".mp3", ".wav", ".m4a", ".aac", ".flac", ".opus", ".wma", ".ac3") + IMAGE_EXTENSIONS
 
 
+# The coarsest time base a muxer stores timestamps in, where it rescales whatever it is given.
+_STORED_TIME_BASE = {"matroska": fractions.Fraction(1, 1000), "webm": fractions.Fraction(1, 1000)}
+
+
 class VideoError(InputError, RuntimeError):
     """An input that cannot be read as a video or frame folder (a ValueError, and a RuntimeError as it used to be)."""
 
@@ -344,7 +348,9 @@ class VideoWriter:
 
         muxer, codec, options = VIDEO_OUTPUTS[fmt or os.path.splitext(path)[1].lower()]
         self.fps = fractions.Fraction(fps)
-        self.time_base = time_base or 1 / self.fps
+        # Timestamps are made strictly increasing in the time base the container stores (Matroska and WebM:
+        # milliseconds), so frames closer than that are moved apart rather than given one timestamp.
+        self.time_base = max(time_base or 1 / self.fps, _STORED_TIME_BASE.get(muxer, fractions.Fraction(0)))
         self.container = av.open(path, mode="w", format=muxer)
         self._audio_src = None
         try:

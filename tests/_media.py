@@ -1,5 +1,5 @@
 """Small media files for the tests: videos (constant and variable rate, rotated, cut, resolution changes),
-16-bit PNGs, tiny checkpoints, and a way to run a command with a read-only folder."""
+16-bit PNGs, tiny checkpoints, and ways to run a command with a read-only folder or a full disk."""
 
 from __future__ import annotations
 
@@ -155,6 +155,36 @@ def readonly_command(folder: str, argv: list[str], cwd: str) -> subprocess.Compl
     script = (f"mount --bind '{folder}' '{folder}' && mount -o remount,bind,ro '{folder}' && exec \"$@\"")
     return subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *cmd], cwd=cwd, capture_output=True, text=True,
                           env=env, timeout=600)
+
+
+def full_disk_command(folder: str, argv: list[str], cwd: str) -> subprocess.CompletedProcess:
+    """Runs ``python -m megan_fast argv`` with no room left in ``folder``: a full disk.
+
+    Root with mount namespaces: a one-page tmpfs over ``folder``, filled by a
+    hidden file, in a private mount namespace of the child (``unshare -m``),
+    so writes fail with ENOSPC.  Elsewhere: a file-size limit of 64 bytes
+    (RLIMIT_FSIZE, SIGXFSZ ignored: room for Python's temporary-folder probe,
+    none for an output), so writes fail with EFBIG; the same failed write.
+    """
+    cmd = [sys.executable, "-m", "megan_fast", *argv]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    fill = (f"mount -t tmpfs -o size=4096 tmpfs '{folder}' && "
+            f"dd if=/dev/zero of='{folder}/.fill' bs=4096 count=1 2>/dev/null; ")
+    if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("mount"):
+        probe = subprocess.run(["unshare", "-m", "sh", "-c", fill + f"! touch '{folder}/.x' 2>/dev/null || "
+                                f"! dd if=/dev/zero of='{folder}/.x' bs=1 count=1 2>/dev/null"], capture_output=True)
+        if probe.returncode == 0:
+            return subprocess.run(["unshare", "-m", "sh", "-c", fill + 'exec "$@"', "sh", *cmd], cwd=cwd,
+                                  capture_output=True, text=True, env=env, timeout=600)
+
+    def limit():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600, preexec_fn=limit)
 
 
 def grey_frames(folder, levels, h=8, w=8, name="{i}.png", start=0) -> str:

@@ -135,3 +135,81 @@ def test_every_bad_checkpoint_is_one_line_naming_the_file(workspace, capsys):
         err = capsys.readouterr().err
         _check(rc, err, before, workspace, name)
         assert words in err and folder in err and "--checkpoint" in err, (name, err)
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+def _official_pth(path) -> str:
+    from _official import official_state_dict
+
+    import torch
+
+    torch.save(official_state_dict(nf=64, front=1, back=1, groups=8), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["convert", "eval --json", "eval --save-frames", "upscale"])
+def test_a_full_disk_is_one_line_naming_the_output(workspace, command):
+    from _media import full_disk_command
+
+    (workspace / "full").mkdir()
+    argv = {"convert": ["convert", _official_pth(workspace / "z.pth"), "full/model"],
+            "eval --json": ["eval", "--checkpoint", "ckpt", "--data", "gt", "--json", "full/s.json", "--no-baseline"],
+            "eval --save-frames": ["eval", "--checkpoint", "ckpt", "--data", "gt", "--save-frames", "full/frames",
+                                   "--no-baseline"],
+            "upscale": ["upscale", "in.mp4", "full/out.mp4", "--checkpoint", "ckpt"]}[command]
+    before = snapshot(workspace)
+    res = full_disk_command(str(workspace / "full"), argv, cwd=str(workspace))
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    out = next(a for a in argv if a.startswith("full/"))
+    assert len([ln for ln in lines if "error:" in ln]) == 1 and lines[-1].endswith(out), res.stderr
+    assert "No space left on device" in res.stderr or "File too large" in res.stderr
+    assert snapshot(workspace) == before
+
+
+# --------------------------------------------------------------------------- messages that name the right thing
+
+
+def test_convert_refuses_an_out_dir_named_like_a_file(workspace, capsys):
+    rc = main(["convert", "ckpt", "out.safetensors"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "OUT_DIR 'out.safetensors': convert writes a folder" in err and len(err.splitlines()) == 1
+    assert not (workspace / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("value", ["1", "65", "x"])
+def test_rate_is_refused_in_the_same_words_by_upscale_and_eval(workspace, capsys, value):
+    words = set()
+    for argv in (["upscale", "in.mp4", "o.mp4", "--rate", value], ["eval", "--checkpoint", "ckpt", "--data", "gt",
+                                                                    "--rate", value]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"expected an integer from 2 to 64, got '{value}'" in err, err
+        words.add(err.split("error:")[1].split(" (see")[0])
+    assert len(words) == 1
+
+
+def test_small_tiles_get_a_smaller_default_overlap(workspace, capsys):
+    assert main(["upscale", "in.mp4", "o.mp4", "--checkpoint", "ckpt", "--tile", "8"]) == 0
+    assert main(["eval", "--checkpoint", "ckpt", "--data", "gt", "--tile", "8", "--no-baseline"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", "ckpt", "--data", "gt", "--tile", "8", "--tile-overlap", "8"]) == 2
+    assert "--tile-overlap 8 must be smaller than --tile 8" in capsys.readouterr().err
+
+
+def test_tile_overlap_without_tile_says_it_does_nothing(workspace, capsys):
+    assert main(["upscale", "in.mp4", "o.mp4", "--checkpoint", "ckpt", "--tile-overlap", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --tile-overlap does nothing without --tile" in err
+
+
+def test_compiling_says_it_takes_minutes(workspace, capsys, monkeypatch):
+    from megan_fast import inference
+
+    monkeypatch.setattr(inference, "compile_model", lambda model, mode: model)  # the message, not the compile
+    assert main(["upscale", "in.mp4", "o.mp4", "--checkpoint", "ckpt", "--compile", "default"]) == 0
+    assert "compiling the model (torch.compile, mode default): the first window takes minutes on a CPU" in \
+        capsys.readouterr().err

@@ -319,16 +319,17 @@ def test_folder_errors(folders, tmp_path):
         VideoFolderClips(str(tmp_path / "none"))
     with pytest.raises(ValueError, match="mode"):
         VideoFolderClips(str(gt), mode="test")
-    # Short clips: 5 frames are enough for eval (>= 4), not for training (>= 7); 3 for neither.
+    # Short clips: 5 frames are enough for eval (>= 2: evaluation says what the model needs), not for training
+    # (>= 7); 1 for neither.
     short = tmp_path / "short"
     write_clip_folder(make_clip("retina", 5, (16, 16), seed=0), str(short / "s"))
     with pytest.raises(ValueError, match=r"has 5 frames; mode 'train' needs at least 7"):
         VideoFolderClips(str(short))
     ev = VideoFolderClips(str(short), mode="eval")
     assert len(ev) == 0 and ev.clip_frames("s")[0].shape == (5, 3, 16, 16)
-    for p in list_frames(str(short / "s"))[3:]:
+    for p in list_frames(str(short / "s"))[1:]:
         os.remove(p)
-    with pytest.raises(ValueError, match=r"has 3 frames; mode 'eval' needs at least 4"):
+    with pytest.raises(ValueError, match=r"has 1 frames; mode 'eval' needs at least 2"):
         VideoFolderClips(str(short), mode="eval")
     # LR folders: missing clip, wrong count, wrong size.
     lq2 = _copy_tree(lq, tmp_path / "lq2")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,9 +61,19 @@ def test_config_round_trips_through_a_dict():
         MEGAN(nf=12, deformable_groups=8)
 
 
-def test_bad_input_shape():
-    with pytest.raises(ValueError, match=r"input must have shape \(b, 4, 3, H, W\)"):
-        small()(torch.rand(1, 3, 3, 8, 8))
+def test_bad_input_is_one_error_naming_shape_and_dtype():
+    model = small()
+    want = r"input must be a \(b, 4, 3, H, W\) float32 tensor of RGB frames in \[0, 1\], got "
+    for x, got in ((torch.rand(1, 3, 3, 8, 8), r"shape \(1, 3, 3, 8, 8\) float32"),
+                   (torch.rand(1, 4, 3, 8, 8, dtype=torch.float64), r"shape \(1, 4, 3, 8, 8\) float64"),
+                   (torch.zeros(1, 4, 3, 8, 8, dtype=torch.uint8), r"shape \(1, 4, 3, 8, 8\) uint8 \(8-bit frames"),
+                   (np.zeros((1, 4, 3, 8, 8), np.float32), r"a numpy.ndarray")):
+        with pytest.raises(ValueError, match=want + got):
+            model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: float32 or the autocast dtype
+        assert model(torch.rand(1, 4, 3, 8, 8, dtype=torch.bfloat16)).shape == (1, 7, 3, 32, 32)
+        with pytest.raises(ValueError, match=r"got shape \(1, 4, 3, 8, 8\) float64"):
+            model(torch.rand(1, 4, 3, 8, 8, dtype=torch.float64))
 
 
 def test_eval_is_deterministic_across_processes(tmp_path):
@@ -161,7 +172,7 @@ def test_streaming_holds_at_most_one_window():
         # When output frame i is yielded, at most i//2 + n_in input frames have been read.
         assert len(held) <= i // 2 + 4
     assert n == 17
-    with pytest.raises(ValueError, match="has 2 frames but the model needs at least 4"):
+    with pytest.raises(ValueError, match="the clip has 2 frames; MEGAN takes windows of exactly 4 input frames"):
         list(iter_upscale(model, iter([torch.rand(3, 8, 8)] * 2)))
 
 

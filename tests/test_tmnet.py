@@ -250,12 +250,12 @@ def test_upscale_and_eval_refuse_a_rate_the_model_cannot_make(tmp_path, capsys):
                             "only the halfway frame (rate 2)") and "\n" not in err
     with pytest.raises(SystemExit) as info:
         main(["upscale", frames, str(tmp_path / "up"), "--rate", "1"])
-    assert info.value.code == 2 and "argument --rate: expected an integer >= 2" in capsys.readouterr().err
+    assert info.value.code == 2 and "argument --rate: expected an integer from 2 to 64" in capsys.readouterr().err
     # a huge rate is refused at once (the times are not built first), before the model is asked
-    assert main(["upscale", frames, str(tmp_path / "up"), "--checkpoint", megan, "--rate", "10" * 10]) == 2
-    assert "--rate must be an integer from 2 to 64" in capsys.readouterr().err
-    assert main(["eval", "--checkpoint", megan, "--data", str(tmp_path), "--rate", "10" * 10]) == 2
-    assert "--rate must be an integer from 2 to 64" in capsys.readouterr().err
+    for command in (["upscale", frames, str(tmp_path / "up")], ["eval", "--data", str(tmp_path)]):
+        with pytest.raises(SystemExit) as info:
+            main([*command, "--checkpoint", megan, "--rate", "10" * 10])
+        assert info.value.code == 2 and "--rate: expected an integer from 2 to 64" in capsys.readouterr().err
     assert not (tmp_path / "up").exists()
 
 
@@ -303,10 +303,13 @@ def test_times_are_checked_in_the_inputs_dtype_and_take_any_real_number():
     x = torch.rand(1, 2, 3, 8, 8)
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         model(x, times=[0.99999999])  # 1.0 in float32
-    with pytest.raises(ValueError, match=r"must increase in bfloat16, the input's dtype .* got 0.5 then 0.5"):
+    with pytest.raises(ValueError, match=r"must increase in bfloat16, the input's dtype .* got 0.5 then 0.5"), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
         model(x.bfloat16(), times=[0.5, 0.501])
     with pytest.raises(ValueError, match=r"got a ndarray$"):
         model(x, times=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"floats strictly between 0 and 1, got '0.25'$"):  # a string, shown as one
+        model(x, times=["0.25"])
     with pytest.raises(ValueError) as info:
         model(x, times=[1 - i / 10000 for i in range(1, 5000)])
     assert len(str(info.value)) < 200
@@ -355,3 +358,60 @@ def test_upscale_refuses_rates_finer_than_a_matroska_millisecond(tmp_path, capsy
         assert f"1920 fps needs timestamps finer than the millisecond that .{ext} stores" in capsys.readouterr().err
         assert not (tmp_path / f"o.{ext}").exists()
     assert main(["upscale", src, str(tmp_path / "o.mp4"), "--checkpoint", ckpt, "--rate", "8", "--device", "cpu"]) == 0
+
+
+def test_in_between_frames_under_a_millisecond_apart_get_increasing_matroska_timestamps(tmp_path):
+    pytest.importorskip("av", reason="PyAV is needed for video files")
+    from _media import decoded, make_video
+
+    ckpt = tiny_tmnet(tmp_path / "tm")
+    src = make_video(tmp_path / "in.mp4", frames=5, audio=False, times=[0, 0.002, 0.1, 0.2, 0.3])
+    out = str(tmp_path / "o.mkv")
+    assert main(["upscale", src, out, "--checkpoint", ckpt, "--rate", "4", "--device", "cpu"]) == 0
+    got, _ = decoded(out)
+    want = [a + (b - a) * j / 4 for a, b in zip([0, 0.002, 0.1, 0.2, 0.3], [0.002, 0.1, 0.2, 0.3]) for j in range(4)]
+    assert len(got) == 17 and all(b > a for a, b in zip(got, got[1:]))  # 0.5 ms apart: moved a millisecond on
+    assert got[5:] == pytest.approx(want[5:] + [0.3], abs=1e-3)  # past the burst, every frame at its own time
+
+
+# --------------------------------------------------------------------------- clips shorter than a window
+
+
+def test_two_and_three_frame_clips_are_one_window_for_zooming_slowmo_and_tmnet(tmp_path):
+    from megan_fast.inference import upscale_frames
+
+    for model, rate in ((MEGAN(MEGANConfig.zooming_slowmo(global_skip=True, **TINY)).eval(), 2),
+                        (MEGAN(MEGANConfig.tmnet(global_skip=True, **TINY)).eval(), 4)):
+        for t in (2, 3):
+            x = torch.rand(t, 3, 4, 4, generator=torch.Generator().manual_seed(t))
+            out = upscale_frames(model, x, rate=rate)
+            times = None if rate == 2 else [i / rate for i in range(1, rate)]
+            torch.testing.assert_close(out, bicubic_blend(x.unsqueeze(0), times)[0], rtol=0, atol=1e-6)
+    megan = MEGAN(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1, num_pfrdb=1, nonlocal_inner=4,
+                  graph_hidden=4, tau=2).eval()
+    with pytest.raises(ValueError, match=r"the clip has 3 frames; MEGAN takes windows of exactly 4 input frames .* "
+                                         r"Zooming Slow-Mo and TMNet take clips of 2 frames or more"):
+        upscale_frames(megan, torch.rand(3, 3, 4, 4))
+    zsm = MEGAN(MEGANConfig.zooming_slowmo(**TINY)).eval()
+    with pytest.raises(ValueError, match=r"the clip has 1 frame; at least 2 are needed"):
+        upscale_frames(zsm, torch.rand(1, 3, 4, 4))
+
+
+def test_upscale_and_eval_take_a_two_frame_clip_with_tmnet(tmp_path, capsys):
+    pytest.importorskip("av", reason="PyAV is needed for video files")
+    from _media import decoded, grey_frames, make_video, save_small_model
+
+    from megan_fast.data import synthetic
+
+    ckpt = tiny_tmnet(tmp_path / "tm")
+    src = make_video(tmp_path / "two.mp4", frames=2, audio=False)
+    assert main(["upscale", src, str(tmp_path / "o.mp4"), "--checkpoint", ckpt, "--rate", "4", "--device", "cpu"]) == 0
+    assert len(decoded(str(tmp_path / "o.mp4"))[0]) == 5
+    synthetic.write_clip_folder(synthetic.make_clip("coffee", 5, size=(16, 16), seed=0), str(tmp_path / "gt" / "a"))
+    assert main(["eval", "--checkpoint", ckpt, "--data", str(tmp_path / "gt"), "--rate", "4"]) == 0
+    assert "a " in capsys.readouterr().out
+    megan = save_small_model(tmp_path / "megan")
+    frames = grey_frames(tmp_path / "frames", [0, 90], h=8, w=8)
+    assert main(["upscale", frames, str(tmp_path / "up"), "--checkpoint", megan]) == 2
+    err = capsys.readouterr().err
+    assert "the clip has 2 frames; MEGAN takes windows of exactly 4 input frames" in err and len(err.splitlines()) == 1

@@ -37,6 +37,50 @@ def int_at_least(minimum: int):
     return parse
 
 
+def int_in_range(minimum: int, maximum: int):
+    """argparse type: an integer from ``minimum`` to ``maximum``."""
+    def parse(text: str) -> int:
+        value = _number(text, int, minimum, False, f"an integer from {minimum} to {maximum}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer from {minimum} to {maximum}, got {text!r}")
+        return value
+    parse.__name__ = f"integer from {minimum} to {maximum}"
+    return parse
+
+
+def add_tile_arguments(p: argparse.ArgumentParser) -> None:
+    """``--tile`` and ``--tile-overlap`` (upscale, eval); read them back with :func:`tile_overlap`."""
+    p.add_argument("--tile", type=int_at_least(4), default=None,
+                   help="spatial tile size in input pixels, >= 4 (bounds memory on large frames)")
+    p.add_argument("--tile-overlap", type=int_at_least(0), default=None,
+                   help="overlap of neighbouring tiles in input pixels (default 16, or a quarter of a --tile under 64)")
+
+
+def tile_overlap(args: argparse.Namespace) -> int | None:
+    """The checked ``--tile-overlap`` (None: the default of :func:`megan_fast.inference.tile_overlap_for`).
+
+    Raises:
+        UsageError: an overlap as large as the tile.
+    """
+    if args.tile is None:
+        if args.tile_overlap is not None:
+            warnings.warn("--tile-overlap does nothing without --tile (whole frames are not cut into tiles)",
+                          stacklevel=2)
+        return None
+    if args.tile_overlap is not None and args.tile_overlap >= args.tile:
+        raise UsageError(f"--tile-overlap {args.tile_overlap} must be smaller than --tile {args.tile}")
+    return args.tile_overlap
+
+
+def add_rate_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """``--rate K`` (upscale, eval): an integer from 2 to the largest rate the tools run."""
+    from megan_fast.inference import MAX_RATE
+
+    p.add_argument("--rate", type=int_in_range(2, MAX_RATE), default=2,
+                   help=f"{what}, an integer from 2 to {MAX_RATE}: the model makes the K - 1 frames between two "
+                   "inputs (default 2; more needs a model that makes frames at any time: TMNet)")
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     return _number(text, float, 0.0, True, "a positive finite number")

@@ -9,11 +9,14 @@ anything is read (:mod:`megan_fast.outputs`).
 from __future__ import annotations
 
 import argparse
+import os
 
 from megan_fast import outputs
 from megan_fast.cli import _common
 from megan_fast.errors import UsageError
 
+# Names that promise a single weights file; convert writes a folder, which such a name would misdescribe.
+WEIGHT_FILE_EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".onnx", ".json")
 MODEL_KIND = outputs.Kind("model folder", folder=True, entries=r"config\.json|model\.safetensors", commands=("model",))
 
 
@@ -35,6 +38,10 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.src or not args.src.strip():
         raise UsageError("SRC is empty; give a model folder or a .pth file")
+    ext = os.path.splitext(args.out_dir.rstrip("/" + os.sep))[1].lower()
+    if ext in WEIGHT_FILE_EXTENSIONS:
+        raise UsageError(f"OUT_DIR {args.out_dir!r}: convert writes a folder (config.json + model.safetensors), not "
+                         f"a {ext} file; give a folder name without the extension")
     out = outputs.check_output(args.out_dir, "OUT_DIR", MODEL_KIND, inputs=[("SRC", args.src)],
                                overwrite=args.overwrite)
     model = _common.load_model(args.src, "cpu", arg="SRC")

@@ -45,13 +45,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--save-frames", default=None, help="write the output frames (PNG) under this folder")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --json / --save-frames if they are earlier megan-fast outputs (never anything else)")
-    p.add_argument("--tile", type=int_at_least(4), default=None, help="spatial tile size in input pixels")
+    _common.add_tile_arguments(p)
     p.add_argument("--device", default=None, help="cpu or cuda")
     p.add_argument("--no-baseline", action="store_true", help="skip the bicubic + frame blending baseline")
-    p.add_argument("--rate", type=int_at_least(2), default=2,
-                   help="ground-truth frames per input frame, an integer >= 2: the model makes the K - 1 frames "
-                   "between inputs taken every K-th frame (default 2; more needs a model that makes frames at any "
-                   "time: TMNet); rate > 2 adds scores per time to the table and the JSON")
+    _common.add_rate_argument(p, "ground-truth frames per input frame (inputs are every K-th frame; K > 2 adds "
+                              "scores per time to the table and the JSON)")
     p.set_defaults(func=_eval)
 
 
@@ -148,6 +146,7 @@ def _eval(args: argparse.Namespace) -> int:
         json_out = outputs.check_output(args.json, "--json", JSON_KIND,
                                         inputs=[*inputs, ("--save-frames", args.save_frames)],
                                         overwrite=args.overwrite)
+    overlap = _common.tile_overlap(args)
     device = resolve_device(args.device)
     model = _common.load_model(args.checkpoint, device)
     try:
@@ -157,7 +156,7 @@ def _eval(args: argparse.Namespace) -> int:
     clips = _clip_source(args)
     try:
         with frames_out.atomic_folder() if frames_out else nullcontext() as save_dir:
-            report = evaluate(model, clips(), device=device, tile=args.tile, save_dir=save_dir,
+            report = evaluate(model, clips(), device=device, tile=args.tile, tile_overlap=overlap, save_dir=save_dir,
                               baselines=not args.no_baseline, progress=lambda s: print(s, file=sys.stderr),
                               rate=args.rate)
     except (FileNotFoundError, ValueError) as exc:

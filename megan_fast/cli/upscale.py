@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import fractions
+import sys
 import time
 import warnings
 
@@ -27,7 +28,7 @@ FRAMES_KIND = outputs.Kind("folder of PNG frames", folder=True, entries=FrameFol
 
 
 def add_parser(sub) -> None:
-    from megan_fast.inference import COMPILE_MODES, MAX_RATE
+    from megan_fast.inference import COMPILE_MODES
     from megan_fast.video import VIDEO_OUTPUTS
 
     p = sub.add_parser(
@@ -42,9 +43,7 @@ def add_parser(sub) -> None:
     p.add_argument("output", help=f"output video ({', '.join(VIDEO_OUTPUTS)}) or folder for PNG frames")
     p.add_argument("--checkpoint", default=None, help=f"{_common.CHECKPOINT_HELP}; default: the bundled "
                    "demo checkpoint")
-    p.add_argument("--tile", type=int_at_least(4), default=None,
-                   help="spatial tile size in input pixels, >= 4 (saves memory)")
-    p.add_argument("--tile-overlap", type=int_at_least(0), default=16, help="tile overlap in input pixels (default 16)")
+    _common.add_tile_arguments(p)
     p.add_argument("--batch", type=int_at_least(1), default=1,
                    help="windows per forward (with --tile: tiles per forward), >= 1 (default 1); the frames equal "
                    "those of --batch 1 to float rounding")
@@ -54,9 +53,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype on CUDA devices: bfloat16/float16 use autocast (a CPU runs float32)")
-    p.add_argument("--rate", type=int_at_least(2), default=2,
-                   help=f"output frame rate / input frame rate, an integer from 2 to {MAX_RATE}: K - 1 new frames "
-                   "between two inputs (default 2; more needs a model that makes frames at any time: TMNet)")
+    _common.add_rate_argument(p, "output frame rate / input frame rate")
     p.add_argument("--fps", type=frame_rate, default=25.0, help="frame rate of a frame-folder input (default 25)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUTPUT if it is an earlier megan-fast output (never anything else)")
@@ -76,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     from megan_fast import video
     from megan_fast.background import BackgroundWriter, prefetch
     from megan_fast.models.megan import output_frames
-    from megan_fast.inference import TooShortError, check_rate, check_rate_value, compile_model, iter_upscale
+    from megan_fast.inference import (TooShortError, check_rate, check_rate_value, clip_window, compile_model,
+                                      iter_upscale)
 
     src = args.input
     if not src or not src.strip():
@@ -85,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
     fmt = video.output_format(args.output) if args.output else None
     out = outputs.check_output(args.output, "OUTPUT", VIDEO_KIND if fmt else FRAMES_KIND,
                                inputs=[("INPUT", src), ("--checkpoint", checkpoint)], overwrite=args.overwrite)
-    if args.tile is not None and args.tile_overlap >= args.tile:
-        raise UsageError(f"--tile-overlap {args.tile_overlap} must be smaller than --tile {args.tile}")
+    overlap = _common.tile_overlap(args)
     device = resolve_device(args.device)
     dtype = compute_dtype(device, args.dtype)
     try:
@@ -105,9 +102,11 @@ def run(args: argparse.Namespace) -> int:
         check_rate(model, args.rate, "--rate")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    n_in = model.config.num_input_frames
-    if info.num_frames is not None and info.num_frames < n_in:
-        raise TooShortError(f"{src}: the clip has {info.num_frames} frames; the model needs at least {n_in}")
+    if info.num_frames is not None:
+        try:
+            clip_window(model, info.num_frames)
+        except TooShortError as exc:
+            raise TooShortError(f"{src}: {exc}") from None
     if info.orientation:
         print(f"{src}: the video is shown {info.orientation}; the frames are turned to match")
     if info.dropped_streams:
@@ -142,8 +141,11 @@ def run(args: argparse.Namespace) -> int:
             feed = prefetch(frames())
             background = BackgroundWriter(writer.write)
             try:
+                if args.compile != "none":
+                    print(f"compiling the model (torch.compile, mode {args.compile}): the first window takes "
+                          f"{'minutes on a CPU' if device.type == 'cpu' else 'a minute or more'}", file=sys.stderr)
                 net = compile_model(model, args.compile)
-                for j, frame in enumerate(iter_upscale(net, feed, tile=args.tile, tile_overlap=args.tile_overlap,
+                for j, frame in enumerate(iter_upscale(net, feed, tile=args.tile, tile_overlap=overlap,
                                                        device=device, batch=args.batch,
                                                        fixed_shape=args.compile != "none", rate=rate)):
                     outputs.raise_if_signalled()

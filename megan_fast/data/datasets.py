@@ -265,8 +265,7 @@ class VideoFolderClips(Dataset):
         if not names:
             raise FileNotFoundError(f"VideoFolderClips: no clip folders in {gt_root} "
                                     "(expected gt_root/<clip>/<frames>)")
-        n_in = (NUM_GT + 1) // 2
-        need = NUM_GT if mode == "train" else n_in
+        need = NUM_GT if mode == "train" else 2  # eval: evaluation.evaluate says what the model needs
         self.gt_paths: dict[str, list[str]] = {}
         self.lq_paths: dict[str, list[str]] = {}
         for name in names:

@@ -17,13 +17,12 @@ import os
 import pickle
 import re
 import warnings
-import zipfile
 
 import torch
 from torch import Tensor
 
-from megan_fast.errors import CheckpointError, MissingCheckpointError
-from megan_fast.models.megan import CONFIG_NAME, WEIGHTS_NAME, MEGAN, MEGANConfig, check_weights
+from megan_fast.errors import CheckpointError, ConfigError, MissingCheckpointError
+from megan_fast.models.megan import CONFIG_NAME, WEIGHTS_NAME, MEGAN, MEGANConfig, check_memory, check_weights
 
 __all__ = ["load_model", "official_names", "read_state_dict", "from_official_state_dict"]
 
@@ -99,8 +98,42 @@ def official_names(front_blocks: int = 5, back_blocks: int = 40, tmnet: bool = F
     return {**names, **weight_only}
 
 
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def load_plain(path: str, what: str) -> object:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings, lists and dicts; nothing in it runs.
+
+    The one reader of pickled files (official ``.pth`` weights, training
+    checkpoints): any failure on the file's bytes, whatever torch's unpickler
+    raises for them, is one :class:`CheckpointError` line, ``PATH: not a WHAT
+    (reason)``; a file that would need Python objects (a pickle payload) is
+    refused with the object's name only.
+    """
+    try:
+        with warnings.catch_warnings():  # torch's notes on the pickle protocol: the error below says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise CheckpointError(f"{path}: not a {what} (it asks for more memory than this machine has)") from None
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure of the unpickler is "not readable"
+        text = str(exc)
+        found = _GLOBAL.search(text) if isinstance(exc, pickle.UnpicklingError) else None
+        if found:  # torch names the refused object and how to allowlist it: only the name matters here
+            raise CheckpointError(f"{path}: not a {what}: it holds Python objects ({found.group(1)}), which are not "
+                                  "loaded (that would run code the file carries)") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+        if isinstance(exc, EOFError):
+            reason = "the file ends early"
+        elif isinstance(exc, (RuntimeError, pickle.UnpicklingError, OSError)) and lines:  # torch's own words
+            reason = lines[0].split(". ")[0].rstrip(".")[:120]
+        else:  # KeyError: 101 and the like say nothing to a user
+            reason = "not the bytes torch.save writes"
+        raise CheckpointError(f"{path}: not a {what} ({reason})") from None
+
+
 def read_state_dict(path: str) -> dict[str, Tensor]:
-    """A ``.pth`` state dict, read with ``torch.load(weights_only=True)`` (nothing in it runs).
+    """A ``.pth`` state dict, read with :func:`load_plain` (``torch.load(weights_only=True)``: nothing in it runs).
 
     A DataParallel save's ``module.`` prefix is removed.  Anything that is not
     a mapping of names to tensors is a :class:`CheckpointError` naming the file.
@@ -109,22 +142,7 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
         raise MissingCheckpointError(f"{path}: no such checkpoint file")
     if path.endswith(".safetensors"):
         raise CheckpointError(f"{path}: a safetensors file; give the folder that holds it with its {CONFIG_NAME}")
-    try:
-        with warnings.catch_warnings():  # torch's notes on the pickle protocol: the error below says what matters
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch names the refused object ("... unsupported GLOBAL posix.system ...") or pickle operation.
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        reason = next((ln for ln in lines if "unsupported" in ln.lower() and "weights_only" not in ln), "")
-        if "global" in reason.lower():
-            raise CheckpointError(f"{path}: not a plain state dict of tensors: it holds Python objects, which are "
-                                  f"not loaded (that would run code the file carries; {reason})") from None
-        raise CheckpointError(f"{path}: not a readable PyTorch weights file (a state dict of tensors saved by "
-                              f"torch.save; {reason or 'unreadable'})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({first})") from None
+    state = load_plain(path, "readable PyTorch weights file")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict (names -> tensors), got a {type(state).__name__}")
     keys = [k for k in state if not isinstance(k, str)]
@@ -148,6 +166,22 @@ def _count_blocks(state: dict[str, Tensor], prefix: str, default: int) -> int:
     return len(found) if found else default
 
 
+def _check_stored(state: dict[str, Tensor], source: str) -> None:
+    """Refuses tensors that claim more values than the file stores (views of one small storage, expanded with
+    stride 0): such a file is a few megabytes on disk and gigabytes once a model is built from it."""
+    plain = [v for v in state.values() if v.layout == torch.strided and not v.is_meta]  # others: check_weights
+    claimed = sum(v.numel() * v.element_size() for v in plain)
+    storages = {}
+    for v in plain:
+        storage = v.untyped_storage()
+        storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+    stored = sum(storages.values())
+    if claimed > stored:
+        raise CheckpointError(f"{source}: its tensors claim {claimed / 2**20:,.1f} MiB of values but the file stores "
+                              f"{stored / 2**20:,.1f} MiB (views of shared or expanded storage); expected plain "
+                              "weights, one tensor each")
+
+
 def _listing(names: list[str], what: str) -> str:
     shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
     return f"{len(names)} {what} ({shown})"
@@ -165,6 +199,8 @@ def from_official_state_dict(state: dict[str, Tensor], source: str = "state dict
     naming the missing and unexpected tensors and the shape mismatches (the
     first few of each, with the official names).
     """
+    _check_stored(state, source)
+    check_memory(sum(v.numel() for v in state.values()), 0, source)
     # TMNet when it has at least half of TMNet's own tensors (a stray one is an unexpected tensor of the other)
     own_tmnet = len(official_names(0, 0, tmnet=True)) - len(official_names(0, 0))
     tmnet = 2 * sum(k.startswith(_TMNET_PREFIXES) for k in state) >= own_tmnet
@@ -176,10 +212,15 @@ def from_official_state_dict(state: dict[str, Tensor], source: str = "state dict
     front, back = _count_blocks(state, "feature_extraction", 5), _count_blocks(state, "recon_trunk", 40)
     try:
         config = preset(nf=nf, deformable_groups=max(groups, 1), front_blocks=front, back_blocks=back)
+    except ConfigError as exc:  # e.g. nf not divisible by the deformable groups
+        raise CheckpointError(f"{source}: a {network} file of nf = {nf} and {groups} deformable groups, which this "
+                              f"package cannot build ({str(exc).removeprefix('MEGAN: ')}); the released networks "
+                              "have nf = 64 and 8 groups") from None
+    try:
         with torch.device("meta"):
             model = MEGAN(config)
-    except Exception:  # noqa: BLE001 - a nonsensical size: report the mismatch against the released network
-        config = preset()
+    except (RuntimeError, OverflowError, MemoryError):  # a nonsensical width: compare with the released network
+        config, nf = preset(), 64
         with torch.device("meta"):
             model = MEGAN(config)
     names = official_names(front, back, tmnet)
@@ -196,6 +237,10 @@ def from_official_state_dict(state: dict[str, Tensor], source: str = "state dict
             parts.append(_listing(unexpected, "unexpected"))
         if shapes:
             parts.append(f"{len(shapes)} of another shape ({'; '.join(shapes[:3])}{'; ...' if len(shapes) > 3 else ''})")
+        if nf != 64:  # the official code keeps upconv2, HRconv and conv_last 64 wide whatever nf is; ours does not
+            raise CheckpointError(f"{source}: an official {network} file of nf = {nf} (conv_first.weight); only "
+                                  f"nf = 64 official files, the released networks, are supported (tensors "
+                                  f"{', '.join(parts)})")
         raise CheckpointError(f"{source}: not the {network} network: tensors {', '.join(parts)}")
     check_weights(state, source)
     model = MEGAN(config)

@@ -266,10 +266,7 @@ class MEGAN(nn.Module):
                 (``MEGANConfig.tmnet()``) take other times than [0.5].
         """
         cfg = self.config
-        frames_ok = x.dim() == 5 and (x.shape[1] >= 2 if cfg.any_num_frames else x.shape[1] == cfg.num_input_frames)
-        if not frames_ok or x.shape[2] != 3:
-            n_in = "n >= 2" if cfg.any_num_frames else cfg.num_input_frames
-            raise ValueError(f"MEGAN: input must have shape (b, {n_in}, 3, H, W), got {tuple(x.shape)}")
+        _check_input(x, cfg, self.conv_dtype())
         b, n, _, h, w = x.shape
         k, t_values = _check_times(times, b, cfg.time_modulation, x)
         pad_h, pad_w = (-h) % 4, (-w) % 4
@@ -313,22 +310,24 @@ class MEGAN(nn.Module):
             out = out + bicubic_blend(x, t_values)
         return out
 
+    def conv_dtype(self) -> torch.dtype:
+        """The dtype of the model's weights, which an input must have (outside autocast)."""
+        return self.features.conv_first.weight.dtype
+
     # ------------------------------------------------------------------ weights I/O
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Writes ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed), each atomically."""
-        from safetensors.torch import save_file
-
         from megan_fast.outputs import Kind, Output, written_by
 
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         meta = {"format": "pt", "written_by": written_by("model")}
-        for name, write in ((WEIGHTS_NAME, lambda path: save_file(state, path, meta)),
+        for name, write in ((WEIGHTS_NAME, lambda path: _save_safetensors(state, path, meta)),
                             (CONFIG_NAME, lambda path: _write_text(path, json.dumps(
                                 {**self.config_dict(), "written_by": meta["written_by"]}, indent=2)))):
             kind = Kind(name, entries=re.escape(name), by_name=True)  # a model folder's files are replaced by name
-            out = Output(os.path.join(os.path.abspath(directory), name), "file", kind, True, name)
+            out = Output(os.path.join(os.path.abspath(directory), name), "file", kind, True, os.path.join(directory, name))
             with out.atomic_file() as tmp:
                 write(tmp)
 
@@ -365,12 +364,21 @@ class MEGAN(nn.Module):
             cfg = MEGANConfig.from_dict(config, source=config_path)
         except ConfigError as exc:
             raise CheckpointError(str(exc)) from None
-        _check_fits(cfg, config_path, weights_path)
+        header = _header_shapes(weights_path)
+        _check_fits(cfg, config_path, weights_path, len(header))
         try:
-            model = cls(cfg)
+            with torch.device("meta"):  # shapes and size first: nothing is allocated
+                plan = cls(cfg)
         except ConfigError as exc:
             raise CheckpointError(str(exc)) from None
-        except (RuntimeError, MemoryError) as exc:  # a config too large for this machine's memory
+        mismatch = describe_mismatch({k: tuple(v.shape) for k, v in plan.state_dict().items()}, header)
+        if mismatch:
+            raise CheckpointError(f"{weights_path}: the weights do not fit this model's config ({CONFIG_NAME}): "
+                                  f"{mismatch}")
+        check_memory(sum(p.numel() for p in plan.parameters()), os.path.getsize(weights_path), config_path)
+        try:
+            model = cls(cfg)
+        except (RuntimeError, MemoryError) as exc:  # the estimate above was short of what the allocator wanted
             raise CheckpointError(f"{config_path}: cannot build this model here ({str(exc).splitlines()[0]})") from None
         try:
             state = load_file(weights_path, device=str(map_location))
@@ -385,28 +393,29 @@ class MEGAN(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As ``nn.Module.load_state_dict``; a mismatch is one :class:`CheckpointError` line saying what differs."""
-        own = self.state_dict()
-        bad = [
-            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-            for k, v in state_dict.items()
-            if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
-        ]
-        if bad:
-            raise CheckpointError(
-                f"the weights do not fit this model's config: {len(bad)} tensor(s) of another shape ("
-                + "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "") + ")"
-            )
-        if strict:
-            missing = [k for k in own if k not in state_dict]
-            unexpected = [k for k in state_dict if k not in own]
-            if missing or unexpected:
-                parts = []
-                if missing:
-                    parts.append(f"{len(missing)} missing (e.g. {missing[0]!r})")
-                if unexpected:
-                    parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
-                raise CheckpointError(f"the weights do not fit this model's config: tensors {' and '.join(parts)}")
+        given = {k: tuple(v.shape) for k, v in state_dict.items() if hasattr(v, "shape")}
+        mismatch = describe_mismatch({k: tuple(v.shape) for k, v in self.state_dict().items()}, given, strict)
+        if mismatch:
+            raise CheckpointError(f"the weights do not fit this model's config: {mismatch}")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _check_input(x: Any, cfg: MEGANConfig, dtype: torch.dtype) -> None:
+    """One ValueError naming the shape and dtype expected, for anything else than frames the model can run:
+    a (b, n, 3, H, W) tensor of the weights' dtype (under autocast: float32 or the autocast dtype)."""
+    n_in = "n >= 2" if cfg.any_num_frames else cfg.num_input_frames
+    want = f"a (b, {n_in}, 3, H, W) {str(dtype).removeprefix('torch.')} tensor of RGB frames in [0, 1]"
+    if not isinstance(x, Tensor):
+        raise ValueError(f"MEGAN: input must be {want}, got a {type(x).__module__}.{type(x).__name__} "
+                         "(torch.from_numpy(array).float() / 255 converts 8-bit frames)")
+    frames_ok = x.dim() == 5 and (x.shape[1] >= 2 if cfg.any_num_frames else x.shape[1] == cfg.num_input_frames)
+    # Under autocast the convolutions cast float32 (and the autocast dtype itself), nothing else.
+    dtype_ok = x.dtype == dtype or (torch.is_autocast_enabled(x.device.type) and x.dtype in (
+        torch.float32, torch.get_autocast_dtype(x.device.type)))
+    if not frames_ok or x.shape[2] != 3 or not dtype_ok:
+        hint = " (8-bit frames: divide by 255 as floats)" if not x.is_floating_point() else ""
+        raise ValueError(f"MEGAN: input must be {want}, got shape {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+                         f"{hint}")
 
 
 _HALFWAY_ONLY = ("MEGAN: this model makes only the frame halfway between two inputs (times=[0.5]); "
@@ -439,7 +448,7 @@ def _check_times(times, b: int, modulated: bool, like: Tensor) -> tuple[int, Ten
                          f"{shown[:80]}")
     for v in times:
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < float(v) < 1:
-            raise ValueError(f"MEGAN: times must be floats strictly between 0 and 1, got {str(v)[:40]}")
+            raise ValueError(f"MEGAN: times must be floats strictly between 0 and 1, got {repr(v)[:40]}")
     values = [float(v) for v in times]
     if not torch.compiler.is_compiling():  # plain Python on constants: checked once, outside any graph
         _check_time_rows([[_round_to(v, like.dtype) for v in values]], like.dtype)
@@ -482,19 +491,74 @@ def _min_tensors(cfg: MEGANConfig) -> int:
     return 4 * (cfg.front_blocks + cfg.back_blocks) + 6 * cfg.num_pfrdb + (5 * cfg.graph_layers if cfg.lmga else 0)
 
 
-def _check_fits(cfg: MEGANConfig, config_path: str, weights_path: str) -> None:
-    """Refuses a config with more blocks than the weights file has tensors, before building it (a config with
-    ``back_blocks: 100000000`` would otherwise take minutes and gigabytes to fail)."""
+def _header_shapes(weights_path: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a safetensors file, from its header (no tensor is read)."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(weights_path, "pt") as f:  # the header only
-            count = len(list(f.keys()))
+        with safe_open(weights_path, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+
+
+def _check_fits(cfg: MEGANConfig, config_path: str, weights_path: str, count: int) -> None:
+    """Refuses a config with more blocks than the weights file has tensors (``count``), before building even a
+    meta model of it (``back_blocks: 100000000`` would otherwise take minutes and gigabytes to fail)."""
     if _min_tensors(cfg) > count:
         raise CheckpointError(f"{config_path}: the config has more blocks than {os.path.basename(weights_path)} "
                               f"has tensors ({count}); the weights do not fit this config")
+
+
+def describe_mismatch(own: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]],
+                      strict: bool = True) -> str | None:
+    """What differs between a model's tensor shapes and those of some weights, in a few words; None if they fit."""
+    bad = [f"{k}: checkpoint {v} vs model {own[k]}" for k, v in given.items() if k in own and v != own[k]]
+    if bad:
+        return (f"{len(bad)} tensor(s) of another shape (" + "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
+                + ")")
+    if strict:
+        missing = [k for k in own if k not in given]
+        unexpected = [k for k in given if k not in own]
+        parts = ([f"{len(missing)} missing (e.g. {missing[0]!r})"] if missing else []) + (
+            [f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})"] if unexpected else [])
+        if parts:
+            return "tensors " + " and ".join(parts)
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the system's available memory, and the address-space limit
+    (``ulimit -v``) less what the process maps already; None where neither can be read (not Linux)."""
+    import resource
+
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/status") as f:
+                mapped = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmSize:"))
+            limits.append(max(soft - mapped, 0))
+        except (OSError, ValueError, IndexError, StopIteration):
+            limits.append(soft)
+    return min(limits) if limits else None
+
+
+def check_memory(params: int, extra_bytes: int, source: str) -> None:
+    """Refuses, before anything is built, a model of ``params`` float32 parameters (plus ``extra_bytes`` of
+    weights read beside it) that does not fit in this machine's available memory."""
+    need = 4 * params + extra_bytes
+    free = available_memory()
+    if free is not None and need > free:
+        raise CheckpointError(f"{source}: the model has {params:,} parameters and needs about {need / 2**30:.1f} GiB "
+                              f"to load; this machine has {free / 2**30:.1f} GiB available")
 
 
 def check_weights(state: dict, source: str) -> None:
@@ -504,11 +568,28 @@ def check_weights(state: dict, source: str) -> None:
             raise CheckpointError(f"{source}: tensor {k!r} is not a dense tensor with values "
                                   f"({getattr(v, 'layout', type(v).__name__)}); expected plain weights")
         if v.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise CheckpointError(f"{source}: tensor {k!r} has dtype {v.dtype}; expected floating-point weights")
+            what = "which is not supported" if v.is_floating_point() else "not floating point"
+            raise CheckpointError(f"{source}: tensor {k!r} has dtype {str(v.dtype).removeprefix('torch.')}, {what}; "
+                                  "expected float16, bfloat16, float32 or float64 weights")
     broken = [k for k, v in state.items() if not bool(torch.isfinite(v.float()).all())]
     if broken:
         raise CheckpointError(f"{source}: {len(broken)} tensor(s) hold NaN or infinite weights (e.g. {broken[0]!r}) "
                               "in float32; the model would give garbage")
+
+
+def _save_safetensors(state: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
+    """safetensors' ``save_file``; a failed write (a full disk) is the OSError it is, not a SafetensorError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(state, path, metadata)
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        errno_ = int(code.group(1))
+        raise OSError(errno_, os.strerror(errno_), path) from None
 
 
 def _write_text(path: str, text: str) -> None:

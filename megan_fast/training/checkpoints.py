@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from megan_fast import outputs
 from megan_fast.errors import CheckpointError
+from megan_fast.models.loading import load_plain
 
 __all__ = ["CHECKPOINT_PREFIX", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "restore", "save_checkpoint"]
 
@@ -48,12 +49,7 @@ def load_checkpoint(path: str) -> dict:
         CheckpointError: unreadable, not a checkpoint (nothing in it is run:
             no unpickling of objects), or missing entries; the path is named.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # untrusted bytes: any failure is "not a checkpoint"
-        text = str(exc).strip()
-        first = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(exc).__name__
-        raise CheckpointError(f"{path}: not a megan-fast training checkpoint ({first})") from None
+    state = load_plain(path, "megan-fast training checkpoint")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a megan-fast training checkpoint (holds a {type(state).__name__})")
     for key, kind in _CHECKPOINT_ENTRIES.items():
