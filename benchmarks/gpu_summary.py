@@ -20,13 +20,14 @@ Sections (each prints a markdown table for docs/PERFORMANCE.md):
   "reduce-overhead", CUDA graphs) of a training step and of inference.
 - zsm: the model table for Zooming Slow-Mo (``MEGANConfig.zooming_slowmo()``).
 - tmnet: the model table for TMNet (``MEGANConfig.tmnet()``) at k = 1 and k = 7 in-between frames.
-- kernels: the current Triton kernels (one-pass DCN backward, autotuned
-  blocks) against the previous generation (``MEGAN_FAST_TRITON_KERNELS=
-  previous``) and the peer (torchvision's CUDA DCN, SDPA), fp32/fp16/bf16,
-  with each case's floor (bytes at the measured copy bandwidth, FLOPs at the
-  measured bf16 matrix ceiling) and the fraction of it reached; the
-  accuracy of both generations against float64.  Autotuning runs in the
-  warm-up, outside the timed region.
+- kernels: the Triton kernels (one-pass DCN backward, attention dQ kernel
+  computing D, autotuned blocks) against the peer (torchvision's CUDA DCN,
+  SDPA), fp32/fp16/bf16, with each case's floor (bytes at the measured copy
+  bandwidth, FLOPs at the measured bf16 matrix ceiling) and the fraction of
+  it reached; their accuracy against float64.  Autotuning runs in the
+  warm-up, outside the timed region.  Run the Triton tests first
+  (``pytest tests -k triton``): the figures count once the kernels pass on
+  the GPU (docs/PERFORMANCE.md, "GPU-verified paths").
 
 Every timing is the median of CUDA-event timings after warm-up
 (``triton.testing.do_bench``); peak memory is ``max_memory_allocated`` above
@@ -36,7 +37,6 @@ what was allocated before the call.  Exits 0 with a message without a GPU.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 
@@ -123,21 +123,7 @@ def attention(peak_tflops: float) -> None:
                       f"| {flops / s[0] / 1e9:.0f} | {t[1]:.0f} | {s[1]:.0f} |", flush=True)
 
 
-# --------------------------------------------------------------------------- kernels (generations)
-
-
-_USER_GENERATION = os.environ.get("MEGAN_FAST_TRITON_KERNELS")
-
-
-def _generation(name: str | None):
-    """Selects a kernel generation for the next calls; None restores what the user had set."""
-    if name is None:
-        if _USER_GENERATION is None:
-            os.environ.pop("MEGAN_FAST_TRITON_KERNELS", None)
-        else:
-            os.environ["MEGAN_FAST_TRITON_KERNELS"] = _USER_GENERATION
-    else:
-        os.environ["MEGAN_FAST_TRITON_KERNELS"] = name
+# --------------------------------------------------------------------------- kernels
 
 
 def _dcn_floor(case, dtype, backward: bool, ceil: dict) -> float:
@@ -165,8 +151,7 @@ def _attention_floor(b, n, dtype, backward: bool, ceil: dict) -> float:
     return max(elems * esize / (ceil["copy_tbs"] * 1e9), flops / (peak * 1e9))
 
 
-def _timed(make_step, generation: str | None):
-    _generation(generation)
+def _timed(make_step):
     step = make_step()
     step()  # autotuning (a new problem size) happens here, before any timing
     torch.cuda.synchronize()
@@ -174,46 +159,40 @@ def _timed(make_step, generation: str | None):
 
 
 def kernels(ceil: dict) -> None:
-    print("\n### Triton kernel generations vs peers (ms; floor = max(bytes / "
+    print("\n### Triton kernels vs peers (ms; floor = max(bytes / "
           f"{ceil['copy_tbs']:.2f} TB/s, FLOPs / {ceil['bf16_tflops']:.0f} TFLOP/s); peak MiB)")
-    print("| op | case | dtype | pass | current | previous | peer | current vs peer | current vs previous | "
-          "floor | current / floor | current MiB | peer MiB |")  # times in ms, the floor in us
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    try:
-        for case in benchmarking.DCN_CASES:
-            for dtype in (torch.float32, torch.float16, torch.bfloat16):
-                for backward in (False, True):
-                    inputs = benchmarking.dcn_inputs(case, device="cuda", dtype=dtype, requires_grad=backward)
-                    res = {g: _timed(lambda: benchmarking.dcn_step("triton", inputs, backward), g)
-                           for g in ("current", "previous")}
-                    peer = (_timed(lambda: benchmarking.dcn_step("stock", inputs, backward), None)
-                            if dtype != torch.bfloat16 else (float("nan"), float("nan")))
-                    _row("DCN", case.name, dtype, backward, res, peer, _dcn_floor(case, dtype, backward, ceil))
-        for b, n in ((4, 1024), (4, 7168), (1, 57600)):
-            for dtype in (torch.float16, torch.bfloat16, torch.float32):
-                for backward in (False, True):
-                    qkv = benchmarking.attention_inputs(n, b=b, device="cuda", dtype=dtype, requires_grad=backward)
-                    qkv = tuple((t.detach() * 0.4).requires_grad_(backward) for t in qkv)
-                    res = {g: _timed(lambda: benchmarking.attention_step("triton", qkv, backward), g)
-                           for g in ("current", "previous")}
-                    peer = _timed(lambda: benchmarking.attention_step("stock", qkv, backward), None)
-                    _row("attention", f"b{b} n={n:,}", dtype, backward, res, peer,
-                         _attention_floor(b, n, dtype, backward, ceil))
-        _kernel_accuracy()
-    finally:
-        _generation(None)
+    print("| op | case | dtype | pass | triton | peer | triton vs peer | floor | triton / floor | triton MiB | "
+          "peer MiB |")  # times in ms, the floor in us
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for case in benchmarking.DCN_CASES:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for backward in (False, True):
+                inputs = benchmarking.dcn_inputs(case, device="cuda", dtype=dtype, requires_grad=backward)
+                ours = _timed(lambda: benchmarking.dcn_step("triton", inputs, backward))
+                peer = (_timed(lambda: benchmarking.dcn_step("stock", inputs, backward))
+                        if dtype != torch.bfloat16 else (float("nan"), float("nan")))
+                _row("DCN", case.name, dtype, backward, ours, peer, _dcn_floor(case, dtype, backward, ceil))
+    for b, n in ((4, 1024), (4, 7168), (1, 57600)):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for backward in (False, True):
+                qkv = benchmarking.attention_inputs(n, b=b, device="cuda", dtype=dtype, requires_grad=backward)
+                qkv = tuple((t.detach() * 0.4).requires_grad_(backward) for t in qkv)
+                ours = _timed(lambda: benchmarking.attention_step("triton", qkv, backward))
+                peer = _timed(lambda: benchmarking.attention_step("stock", qkv, backward))
+                _row("attention", f"b{b} n={n:,}", dtype, backward, ours, peer,
+                     _attention_floor(b, n, dtype, backward, ceil))
+    _kernel_accuracy()
 
 
-def _row(op, case, dtype, backward, res, peer, floor) -> None:
-    cur, prev = res["current"], res["previous"]
-    print(f"| {op} | {case} | {str(dtype)[6:]} | {'fwd+bwd' if backward else 'fwd'} | {cur[0]:.3f} | {prev[0]:.3f} "
-          f"| {peer[0]:.3f} | {peer[0] / cur[0]:.2f}x | {prev[0] / cur[0]:.2f}x | {floor * 1e3:.1f} us | "
-          f"{cur[0] / floor:.1f}x | {cur[1]:.0f} | {peer[1]:.0f} |", flush=True)
+def _row(op, case, dtype, backward, ours, peer, floor) -> None:
+    print(f"| {op} | {case} | {str(dtype)[6:]} | {'fwd+bwd' if backward else 'fwd'} | {ours[0]:.3f} "
+          f"| {peer[0]:.3f} | {peer[0] / ours[0]:.2f}x | {floor * 1e3:.1f} us | "
+          f"{ours[0] / floor:.1f}x | {ours[1]:.0f} | {peer[1]:.0f} |", flush=True)
 
 
 def _kernel_accuracy() -> None:
-    print("\n### accuracy of both generations (rel. L2 error vs float64; DCN b16 32x32, attention b2 n=1000)")
-    print("| op | dtype | generation | out | grads (max over inputs) |\n|---|---|---|---|---|")
+    print("\n### accuracy (rel. L2 error vs float64; DCN b16 32x32, attention b2 n=1000)")
+    print("| op | dtype | out | grads (max over inputs) |\n|---|---|---|---|")
     case = benchmarking.DCN_CASES[1]
     exact = benchmarking.dcn_inputs(case, device="cuda", dtype=torch.float64, requires_grad=True)
     keys = ("input", "offset", "weight", "bias", "mask")
@@ -233,19 +212,16 @@ def _kernel_accuracy() -> None:
     aref = benchmarking.attention_explicit(qx, kx, vx)
     aref_g = torch.autograd.grad(aref, (qx, kx, vx), go)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for gen in ("current", "previous"):
-            _generation(gen)
-            inputs = {kk: t.detach().to(dtype).requires_grad_(True) for kk, t in exact.items()}
-            out, grads = dcn(inputs, "triton")
-            print(f"| DCN | {str(dtype)[6:]} | {gen} | {rel(out, ref_out):.2e} | "
-                  f"{max(rel(a, b) for a, b in zip(grads, ref_g)):.2e} |")
-            qs, ks, vs = (t.detach().to(dtype).requires_grad_(True) for t in (qx, kx, vx))
-            with use_backend("triton"):
-                out = nonlocal_attention(qs, ks, vs, 1.0)
-            grads = torch.autograd.grad(out, (qs, ks, vs), go.to(dtype))
-            print(f"| attention | {str(dtype)[6:]} | {gen} | {rel(out, aref):.2e} | "
-                  f"{max(rel(a, b) for a, b in zip(grads, aref_g)):.2e} |", flush=True)
-    _generation(None)
+        inputs = {kk: t.detach().to(dtype).requires_grad_(True) for kk, t in exact.items()}
+        out, grads = dcn(inputs, "triton")
+        print(f"| DCN | {str(dtype)[6:]} | {rel(out, ref_out):.2e} | "
+              f"{max(rel(a, b) for a, b in zip(grads, ref_g)):.2e} |")
+        qs, ks, vs = (t.detach().to(dtype).requires_grad_(True) for t in (qx, kx, vx))
+        with use_backend("triton"):
+            out = nonlocal_attention(qs, ks, vs, 1.0)
+        grads = torch.autograd.grad(out, (qs, ks, vs), go.to(dtype))
+        print(f"| attention | {str(dtype)[6:]} | {rel(out, aref):.2e} | "
+              f"{max(rel(a, b) for a, b in zip(grads, aref_g)):.2e} |", flush=True)
 
 
 # --------------------------------------------------------------------------- graph

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from megan_fast.inference import TooShortError, check_rate, clip_window, run_window, window_starts
 from megan_fast.models.baseline import bicubic_blend
-from megan_fast.models.megan import output_frames
+from megan_fast.models.config import output_frames
 
 
 __all__ = [

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from megan_fast.errors import InputError
 from megan_fast.models import MEGAN
-from megan_fast.models.megan import output_frames
+from megan_fast.models.config import output_frames
 
 
 class TooShortError(InputError):

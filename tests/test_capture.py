@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_leaves
 
 from megan_fast.models import MEGAN
 from megan_fast.models.blocks import DeformableConvLSTM
-from megan_fast.nn import LMGA
+from megan_fast.models.blocks import LMGA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(num_input_frames=3, nf=8, deformable_groups=2, front_blocks=1, back_blocks=1, num_pfrdb=1,

@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _triton_util import DEVICE, cuda_only  # noqa: E402  (skips without Triton / interpreter)
+from _triton_util import DEVICE, cuda_only, skip_module_without_triton  # noqa: E402
+
+skip_module_without_triton()
 from megan_fast.triton import graph_aggregate as tga  # noqa: E402
 
 # The GPU kernels take fp32/fp16/bf16 (float64 is a TypeError there): the

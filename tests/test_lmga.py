@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from megan_fast.nn import LMGA, GraphAggregation
+from megan_fast.models.blocks import LMGA
+from megan_fast.nn import GraphAggregation
 from megan_fast.ops import use_backend
 from megan_fast.reference import graph_aggregate_reference
 

@@ -16,6 +16,7 @@ from _official import official_state_dict
 from megan_fast.cli.main import main
 from megan_fast.errors import CheckpointError
 from megan_fast.models import MEGAN, MEGANConfig, load_model
+from megan_fast.models import loading as loading_module
 from megan_fast.models import megan as megan_module
 from megan_fast.models.loading import read_state_dict
 from megan_fast.training.checkpoints import load_checkpoint
@@ -134,7 +135,7 @@ def test_a_model_larger_than_the_available_memory_is_refused(tmp_path, monkeypat
     folder = tmp_path / "m"
     MEGAN(MEGANConfig.zooming_slowmo(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)).save_pretrained(folder)
     torch.save(official_state_dict(nf=64, front=1, back=1, groups=8), tmp_path / "z.pth")
-    monkeypatch.setattr(megan_module, "available_memory", lambda: 1000)
+    monkeypatch.setattr(loading_module, "available_memory", lambda: 1000)
     for path in (folder, tmp_path / "z.pth"):
         with pytest.raises(CheckpointError, match=r"the model has [\d,]+ parameters and needs about [\d.]+ GiB to "
                                                   r"load; this machine has 0.0 GiB available"):
@@ -143,7 +144,7 @@ def test_a_model_larger_than_the_available_memory_is_refused(tmp_path, monkeypat
 
 def test_available_memory_follows_the_address_space_limit():
     script = ("import resource, torch\n"
-              "from megan_fast.models.megan import available_memory\n"
+              "from megan_fast.models.loading import available_memory\n"
               "mapped = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024\n"
               "resource.setrlimit(resource.RLIMIT_AS, (mapped + 2**30, resource.RLIM_INFINITY))\n"
               "print(available_memory())\n")
@@ -157,10 +158,8 @@ def test_available_memory_follows_the_address_space_limit():
 
 
 def test_an_official_file_of_another_width_says_only_nf_64_is_supported(tmp_path):
-    state = official_state_dict(nf=64, front=1, back=1, groups=8)
-    state["conv_first.weight"] = torch.zeros(32, 3, 3, 3)
-    state["conv_first.bias"] = torch.zeros(32)
-    torch.save(state, tmp_path / "nf32.pth")
+    # The official code at nf = 32: every layer 32 wide but upconv2, HRconv and conv_last, which stay 64 wide.
+    torch.save(official_state_dict(nf=32, front=1, back=1, groups=8), tmp_path / "nf32.pth")
     with pytest.raises(CheckpointError, match=r"an official Zooming Slow-Mo file of nf = 32 \(conv_first.weight\); "
                                               r"only nf = 64 official files"):
         load_model(tmp_path / "nf32.pth")
@@ -175,3 +174,62 @@ def test_fp8_weights_are_an_unsupported_dtype(tmp_path):
     with pytest.raises(CheckpointError, match="has dtype float8_e4m3fn, which is not supported; expected float16, "
                                               "bfloat16, float32 or float64"):
         load_model(tmp_path / "fp8.pth")
+
+
+def test_official_files_are_recognised_by_names_and_shapes(tmp_path):
+    from _official import official_state_dict as official
+
+    zsm = official(nf=64, front=1, back=1, groups=8)
+    tmnet = official(nf=64, front=1, back=1, groups=8, tmnet=True)
+    # TMNet with a few of its own tensors missing is still TMNet; Zooming Slow-Mo with a stray one is not
+    cut = {k: v for i, (k, v) in enumerate(tmnet.items()) if not (k.startswith("layersFusion.") and i % 2)}
+    stray = {**zsm, "layersFusion.0.weight": tmnet["layersFusion.0.weight"]}
+    for name, state, network in (("cut", cut, "TMNet"), ("stray", stray, "Zooming Slow-Mo")):
+        torch.save(state, tmp_path / f"{name}.pth")
+        with pytest.raises(CheckpointError, match=f"not the {network} network"):
+            load_model(tmp_path / f"{name}.pth")
+    torch.save({"conv_first.weight": torch.zeros(64, 3, 3, 3), "recon_trunk.0.conv1.weight": torch.zeros(3)},
+               tmp_path / "none.pth")
+    with pytest.raises(CheckpointError, match=r"not an official Zooming Slow-Mo or TMNet file: its tensors differ, "
+                                              r"by name or shape, from Zooming Slow-Mo in \d+ of its \d+, TMNet in"):
+        load_model(tmp_path / "none.pth")
+
+
+def test_create_model_by_name_and_pretrained_through_the_one_loader(tmp_path):
+    from megan_fast.errors import ConfigError
+    from megan_fast.models import create_model, list_models
+
+    assert list_models() == ["megan", "tmnet", "zooming_slowmo"] and list_models("*mo*") == ["zooming_slowmo"]
+    tiny = dict(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)
+    model = create_model("tmnet", **tiny)
+    assert model.training and model.config == MEGANConfig.tmnet(**tiny)
+    model.save_pretrained(tmp_path / "tm")
+    again = create_model("tmnet", pretrained=tmp_path / "tm", memory_seed=3)
+    assert again.config.memory_seed == 3
+    for a, b in zip(again.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    torch.save(official_state_dict(nf=64, front=1, back=1, groups=8), tmp_path / "zsm.pth")
+    assert create_model("zooming_slowmo", pretrained=tmp_path / "zsm.pth").config.family_name == "Zooming Slow-Mo"
+    with pytest.raises(CheckpointError, match=r"holds a Zooming Slow-Mo network, not TMNet \('tmnet'\); "
+                                              r"create_model\('zooming_slowmo', pretrained=...\) loads it"):
+        create_model("tmnet", pretrained=tmp_path / "zsm.pth")
+    with pytest.raises(CheckpointError, match="the overrides change the shapes of its weights"):
+        create_model("tmnet", pretrained=tmp_path / "tm", nf=16)
+    with pytest.raises(ConfigError, match="unknown model 'megan2'; known models: megan, tmnet, zooming_slowmo"):
+        create_model("megan2")
+    with pytest.raises(ConfigError, match="unknown field 'nff'"):
+        create_model("megan", nff=3)
+    with pytest.raises(CheckpointError, match="text.pth: not a readable PyTorch weights file"):
+        (tmp_path / "text.pth").write_text("hello")
+        create_model("megan", pretrained=tmp_path / "text.pth")
+
+
+def test_torch_hub_loads_the_models_from_the_repository(tmp_path):
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model = torch.hub.load(repo, "tmnet", source="local", nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)
+    assert model.config == MEGANConfig.tmnet(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)
+    zsm = torch.hub.load(repo, "zooming_slowmo", source="local", nf=8, deformable_groups=2, front_blocks=1,
+                         back_blocks=1)
+    assert zsm.config.family_name == "Zooming Slow-Mo"

@@ -204,15 +204,24 @@ def test_save_and_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
 
 
-def test_loading_wrong_shapes_is_a_clear_error(tmp_path):
-    small(3).save_pretrained(tmp_path / "a")
-    other = MEGAN(num_input_frames=3, **dict(SMALL, nf=8))
-    from safetensors.torch import load_file
+def test_loading_wrong_shapes_is_a_clear_error_and_load_state_dict_keeps_torchs_contract(tmp_path):
+    import json
 
-    with pytest.raises(ValueError, match=r"do not fit this model's config: \d+ tensor\(s\) of another shape"):
-        other.load_state_dict(load_file(str(tmp_path / "a" / "model.safetensors")))
+    small(3).save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "nf": 8}))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: the weights do not fit this model's config "
+                                              r"\(config.json\): \d+ tensor\(s\) of another shape"):
+        MEGAN.from_pretrained(tmp_path / "a")
     with pytest.raises(CheckpointError, match="no such checkpoint folder"):
         MEGAN.from_pretrained(tmp_path / "missing")
+    # nn.Module's own method, unchanged: a RuntimeError listing the mismatches, strict=False reporting the rest
+    other = MEGAN(num_input_frames=3, **dict(SMALL, nf=8))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        other.load_state_dict(small(3).state_dict())
+    state = other.state_dict()
+    extra = other.load_state_dict({**state, "extra.weight": torch.zeros(1)}, strict=False)
+    assert extra.unexpected_keys == ["extra.weight"] and extra.missing_keys == []
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="config.json not found"):
         MEGAN.from_pretrained(tmp_path / "empty")

@@ -172,7 +172,8 @@ def test_errors_name_the_argument():
 
 
 def test_cuda_auto_rule():
-    # auto on CUDA (measured on an H100): Triton for large forward-only fp16/bf16 problems, SDPA otherwise.
+    # The measured rule (H100): Triton for large forward-only fp16/bf16 problems, SDPA otherwise; auto runs it
+    # on CUDA once both passes have run on a real GPU (megan_fast/ops/_backend.GPU_VERIFIED), SDPA until then.
     import importlib
 
     mod = importlib.import_module("megan_fast.ops.nonlocal_attention")
@@ -185,6 +186,7 @@ def test_cuda_auto_rule():
     with torch.no_grad():
         q = torch.empty(1, big, 4, dtype=torch.bfloat16, device="meta", requires_grad=True)
         assert mod._cuda_pick(q, q, q, 1.0) == "triton"
+    assert not _backend.gpu_verified("nonlocal_attention") and mod.FUSED.cuda_auto("triton") == "stock"
 
 
 def test_stock_makes_transposed_views_contiguous_for_sdpa():

@@ -17,11 +17,11 @@ import math
 import pytest
 import torch
 
-from _triton_util import DEVICE, cuda_only, launched_kernels  # noqa: E402  (skips without Triton / interpreter)
-from _triton_util import kernel_generation  # noqa: E402,F401  (fixture: current and previous kernels)
-from megan_fast.triton import nonlocal_attention as tna  # noqa: E402
+from _triton_util import DEVICE, cuda_only, launched_kernels, skip_module_without_triton
 
-pytestmark = pytest.mark.usefixtures("kernel_generation")
+skip_module_without_triton()
+
+from megan_fast.triton import nonlocal_attention as tna  # noqa: E402
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 
@@ -242,18 +242,15 @@ def _max_err(a, e):
     return (a.double() - e).abs().max().item()
 
 
-def test_generation_runs_its_backward_kernels(monkeypatch, kernel_generation):
-    # current: dQ (which also writes D = rowsum(dO * O)) then dK / dV; previous: D, dK / dV, dQ.
+def test_the_backward_is_dq_with_d_then_dkdv(monkeypatch):
+    # dQ (which also writes D = rowsum(dO * O)) first, then dK / dV, which reads D: no launch for D alone.
     names = launched_kernels(monkeypatch, tna)
     q, k, v = problem(b=2, n=37, m=21, d=5, dv=7)
     grad_out = torch.randn(2, 37, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     got = triton_all(q, k, v, 0.7, grad_out)
     for name, a, e in zip(NAMES, got, expected(q, k, v, 0.7, grad_out)):
         torch.testing.assert_close(a, e, rtol=TOL[torch.float64], atol=TOL[torch.float64], msg=name)
-    if kernel_generation == "current":
-        assert names == ["_nla_fwd_kernel", "_nla_bwd_dq_kernel", "_nla_bwd_dkdv_kernel"]
-    else:
-        assert names == ["_nla_fwd_kernel", "_nla_bwd_preprocess_kernel", "_nla_bwd_dkdv_kernel", "_nla_bwd_dq_kernel"]
+    assert names == ["_nla_fwd_kernel", "_nla_bwd_dq_kernel", "_nla_bwd_dkdv_kernel"]
 
 
 @cuda_only

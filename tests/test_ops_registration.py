@@ -71,7 +71,8 @@ def test_a_per_call_auto_rule_dispatches_and_is_described():
         with _backend.use_backend("stock"):
             assert _backend.impl("toy_op", "cpu")(5) == "stock"
     finally:
-        for table in (_backend._REG.impls, _backend._REG.available, _backend._REG.auto, _backend._REG.table):
+        for table in (_backend._REG.impls, _backend._REG.available, _backend._REG.auto,
+                      *_backend._REG.tables.values()):
             table.pop("toy_op", None)
 
 

@@ -17,7 +17,7 @@ from megan_fast.cli.main import main
 from megan_fast.errors import CheckpointError
 from megan_fast.models import MEGAN, MEGANConfig, load_model
 from megan_fast.models.baseline import bicubic_blend
-from megan_fast.models.loading import official_names
+from megan_fast.models.official import official_names
 
 torchvision = pytest.importorskip("torchvision")
 

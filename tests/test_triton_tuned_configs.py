@@ -1,4 +1,4 @@
-"""Every config the autotuner may pick (megan_fast/triton/, CUDA, current generation) gives the right
+"""Every config the autotuner may pick (megan_fast/triton/, CUDA) gives the right
 result: each is run alone (an autotuner with one config does not benchmark, so it also runs under the
 interpreter) through the launchers' tuned path, against torchvision / the explicit formula in float64.
 The invariants the launchers rely on are checked on the config lists themselves."""
@@ -8,13 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _triton_util import DEVICE  # noqa: E402  (skips without Triton / interpreter)
+from _triton_util import DEVICE, skip_module_without_triton  # noqa: E402
+
+skip_module_without_triton()
+
 from megan_fast.triton import deform_conv as tdc  # noqa: E402
 from megan_fast.triton import nonlocal_attention as tna  # noqa: E402
 
 torchvision = pytest.importorskip("torchvision")
 
-from test_deform_conv_triton import CASES, check_against_torchvision, make_problem  # noqa: E402
+from test_deform_conv import CASES, assert_matches_torchvision, problem as dcn_problem  # noqa: E402
 from test_nonlocal_attention_triton import NAMES, TOL, expected, problem, triton_all  # noqa: E402
 
 
@@ -34,25 +37,23 @@ def test_dcn_config_invariants():
 
 
 @pytest.mark.parametrize("which", ["forward", "backward"])
-@pytest.mark.parametrize("case", ["base", "groups2_og1", "wide"])
+@pytest.mark.parametrize("case", ["basic", "groups2", "batch1-c16"])
 def test_every_dcn_config(monkeypatch, which, case):
-    monkeypatch.setenv("MEGAN_FAST_TRITON_KERNELS", "current")
-    monkeypatch.setattr(tdc, "_tuned", lambda device, dtype: True)
+    monkeypatch.setattr(tdc, "_tuned", lambda device: True)
     tuner, other = tdc._dcn_fwd_tuned, tdc._dcn_bwd_one_pass_tuned
     if which == "backward":
         tuner, other = other, tuner
     _only(monkeypatch, other, other.configs[0])  # each pass runs both kernels: the other one pinned
     for config in list(tuner.configs):
         _only(monkeypatch, tuner, config)
-        check_against_torchvision(make_problem(**CASES[case], dtype=torch.float64))
+        assert_matches_torchvision("triton", dcn_problem("triton", **CASES[case]))
 
 
-@pytest.mark.parametrize("case", ["base", "groups2_og1"])
+@pytest.mark.parametrize("case", ["basic", "groups2"])
 def test_dcn_splits_as_on_a_132_sm_gpu(monkeypatch, case):
     # With a GPU's SM count the one-pass backward cuts the pixels into many splits of whole tiles:
     # every tile must be processed by exactly one split (a gap or an overlap breaks every gradient).
-    monkeypatch.setenv("MEGAN_FAST_TRITON_KERNELS", "current")
-    monkeypatch.setattr(tdc, "_tuned", lambda device, dtype: True)
+    monkeypatch.setattr(tdc, "_tuned", lambda device: True)
     monkeypatch.setattr(tdc, "num_sms", lambda device: 132)
     splits = []
     real = tdc.launch
@@ -66,12 +67,12 @@ def test_dcn_splits_as_on_a_132_sm_gpu(monkeypatch, case):
     for config in [c for c in tdc._dcn_bwd_one_pass_tuned.configs if c.num_stages == 1][:2]:
         _only(monkeypatch, tdc._dcn_bwd_one_pass_tuned, config)
         _only(monkeypatch, tdc._dcn_fwd_tuned, tdc._dcn_fwd_tuned.configs[0])
-        check_against_torchvision(make_problem(**{**CASES[case], "b": 2, "h": 15, "w": 22}, dtype=torch.float64))
+        assert_matches_torchvision("triton", dcn_problem("triton", **{**CASES[case], "b": 2, "h": 15, "w": 22}))
     assert splits and min(splits) > 1
 
 
 def test_attention_prune_splits_exact_and_tensor_core_tiles():
-    for tuner in (tna._nla_fwd_tuned, tna._nla_bwd_dq_delta_tuned, tna._nla_bwd_dkdv_tuned):
+    for tuner in (tna._nla_fwd_tuned, tna._nla_bwd_dq_tuned, tna._nla_bwd_dkdv_tuned):
         exact = tna._prune(tuner.configs, {}, IEEE=True)
         fast = tna._prune(tuner.configs, {}, IEEE=False)
         assert exact and fast and len(exact) + len(fast) == len(tuner.configs)
@@ -80,9 +81,8 @@ def test_attention_prune_splits_exact_and_tensor_core_tiles():
 
 @pytest.mark.parametrize("kernel", ["forward", "dq", "dkdv"])
 def test_every_attention_config(monkeypatch, kernel):
-    monkeypatch.setenv("MEGAN_FAST_TRITON_KERNELS", "current")
-    monkeypatch.setattr(tna, "_tuned", lambda device, dtype: True)
-    tuners = {"forward": tna._nla_fwd_tuned, "dq": tna._nla_bwd_dq_delta_tuned, "dkdv": tna._nla_bwd_dkdv_tuned}
+    monkeypatch.setattr(tna, "_tuned", lambda device, d_block: True)
+    tuners = {"forward": tna._nla_fwd_tuned, "dq": tna._nla_bwd_dq_tuned, "dkdv": tna._nla_bwd_dkdv_tuned}
     tuner = tuners.pop(kernel)
     for other in tuners.values():  # every pass runs all three kernels: the others pinned
         _only(monkeypatch, other, other.configs[0])
@@ -96,25 +96,33 @@ def test_every_attention_config(monkeypatch, kernel):
                                        msg=lambda m, n=name, c=config: f"{n} with {c}: {m}")
 
 
-def test_tf32_follows_both_of_torchs_settings():
-    from megan_fast.triton._utils import exact_products, tf32_allowed
+def test_one_precision_table_follows_both_of_torchs_tf32_settings():
+    from megan_fast.triton import graph_aggregate as tga
+    from megan_fast.triton._utils import precision, tf32_allowed
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     matmul = torch.backends.cuda.matmul
     before = getattr(matmul, "fp32_precision", None)
     legacy_before = None if before is not None else matmul.allow_tf32
+
+    def graph_ieee(dtype, device):  # graph aggregation reads the same table as the other ops
+        return tga._common_meta(tga._config(5, 64, 16, device, backward=False), 5, dtype, device, False)["IEEE"]
+
     try:
-        assert not tf32_allowed() and exact_products(torch.float32, cuda)
+        assert not tf32_allowed() and precision(torch.float32, cuda).ieee and graph_ieee(torch.float32, cuda)
         if before is not None:
             matmul.fp32_precision = "tf32"  # the current API; reading allow_tf32 now would raise
-            assert tf32_allowed() and not exact_products(torch.float32, cuda)
+            assert tf32_allowed() and not precision(torch.float32, cuda).ieee and not graph_ieee(torch.float32, cuda)
             matmul.fp32_precision = "ieee"
-            assert exact_products(torch.float32, cuda)
+            assert precision(torch.float32, cuda).ieee
         matmul.allow_tf32 = True  # the legacy API
-        assert tf32_allowed() and not exact_products(torch.float32, cuda)
+        assert tf32_allowed() and not precision(torch.float32, cuda).ieee and not graph_ieee(torch.float32, cuda)
         # never TF32 for float64 or under the interpreter; fp16/bf16 are products in their own type
-        assert exact_products(torch.float64, cuda) and exact_products(torch.float32, cpu)
-        assert not exact_products(torch.float16, cuda) and not exact_products(torch.bfloat16, cpu)
+        assert precision(torch.float64, cuda).ieee and precision(torch.float32, cpu).ieee
+        assert graph_ieee(torch.float32, cpu)
+        assert not precision(torch.float16, cuda).ieee and not precision(torch.bfloat16, cpu).ieee
+        assert precision(torch.float64, cpu).accumulate == torch.float64
+        assert precision(torch.bfloat16, cuda).accumulate == torch.float32
     finally:
         if before is not None:
             matmul.fp32_precision = before

@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _triton_util import DEVICE, cuda_only  # noqa: E402  (skips without Triton / interpreter)
+from _triton_util import DEVICE, cuda_only, skip_module_without_triton  # noqa: E402
+
+skip_module_without_triton()
 from megan_fast.triton import upsample as tup  # noqa: E402
 
 EXACT = torch.float64 if DEVICE == "cpu" else torch.float32

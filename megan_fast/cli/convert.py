@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                                overwrite=args.overwrite)
     model = _common.load_model(args.src, "cpu", arg="SRC")
     with out.atomic_folder() as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, written_by=outputs.written_by("model"))
     cfg = model.config
     arch = cfg.family_name
     params = sum(p.numel() for p in model.parameters())

@@ -52,15 +52,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for dt in _backend.DEVICE_TYPES:
         reason = _backend.triton_status(dt)
         print(f"  triton ({dt}): {'available' if reason is None else 'unavailable: ' + reason}")
-    try:
-        from megan_fast.triton._utils import KERNELS_ENV, kernel_generation
-
-        try:
-            print(f"  triton kernel generation: {kernel_generation()} ({KERNELS_ENV}=current|previous)")
-        except ValueError as exc:
-            print(f"  triton kernel generation: {exc}")
-    except ImportError:
-        pass
+    print("  triton on a real GPU (tests passed and measured there; until then auto runs the peer on CUDA):")
+    for op, passes in sorted(_backend.GPU_VERIFIED.items()):
+        state = ", ".join(f"{name} {'verified' if ok else 'not yet'}" for name, ok in passes.items())
+        print(f"    {op:<26} {state}")
     print()
     env = os.environ.get(_backend.ENV_VAR)
     print(f"backend: {_backend.get_backend()}" + (f" (from {_backend.ENV_VAR}={env})" if env else ""))

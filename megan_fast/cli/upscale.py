@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     from megan_fast import video
     from megan_fast.background import BackgroundWriter, prefetch
-    from megan_fast.models.megan import output_frames
+    from megan_fast.models.config import output_frames
     from megan_fast.inference import (TooShortError, check_rate, check_rate_value, clip_window, compile_model,
                                       iter_upscale)
 

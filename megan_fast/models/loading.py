@@ -1,18 +1,16 @@
-"""One entry point for weights: a model folder of ours, or an official Zooming Slow-Mo or TMNet ``.pth`` file.
+"""Reading weights: a model folder of ours, or an official Zooming Slow-Mo or TMNet ``.pth`` file.
 
-The official Zooming Slow-Mo network (Xiang et al., CVPR 2020, ``LunaTokis``
-in the authors' code) is ``MEGANConfig.zooming_slowmo()`` of this family, and
-TMNet (Xu et al., CVPR 2021, ``TMNet``), which builds on it, is
-``MEGANConfig.tmnet()``; their released files are plain state dicts whose
-key names are the authors' module names.  This module knows those names
-(facts about the released files, docs/DESIGN.md section 3) and renames them
-to ours; the arithmetic is the same layer for layer (their ``DCN_sep``
-offsets are the first two thirds of ``conv_offset_mask``, in torchvision's
-layout, as ours are).
+One reader of pickled files (:func:`load_plain`, ``torch.load(weights_only=True)``),
+one loader of models (:func:`load_model`), and the checks that run before
+anything is built: the size a file implies against what it stores and the
+memory this process may allocate, the shapes of a folder's weights against
+its config (docs/DESIGN.md section 5).  Every failure is one
+:class:`~megan_fast.errors.CheckpointError` line naming the file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -22,80 +20,13 @@ import torch
 from torch import Tensor
 
 from megan_fast.errors import CheckpointError, ConfigError, MissingCheckpointError
-from megan_fast.models.megan import CONFIG_NAME, WEIGHTS_NAME, MEGAN, MEGANConfig, check_memory, check_weights
+from megan_fast.models.config import MEGANConfig
+from megan_fast.models.megan import MEGAN
+from megan_fast.models.official import from_official_state_dict, looks_official
+from megan_fast.models.saving import CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ["load_model", "official_names", "read_state_dict", "from_official_state_dict"]
-
-# The official PCD alignment: suffix _1 aligns the first frame's pyramid to the second's, _2 the reverse.
-_PCD_DIRECTIONS = {"1": "align_1to2", "2": "align_2to1"}
-
-
-def _pcd_names(official: str, ours: str) -> dict[str, str]:
-    """Official -> our names of one PCD alignment (prefixes without the trailing dot)."""
-    names = {}
-    for j, direction in _PCD_DIRECTIONS.items():
-        for lvl in ("1", "2", "3"):
-            convs = ("1", "2") if lvl == "3" else ("1", "2", "3")
-            for k in convs:
-                names[f"{official}.L{lvl}_offset_conv{k}_{j}"] = f"{ours}.{direction}.l{lvl}_offset_conv{k}"
-            names[f"{official}.L{lvl}_dcnpack_{j}"] = f"{ours}.{direction}.l{lvl}_dcn"
-            names[f"{official}.L{lvl}_dcnpack_{j}.conv_offset_mask"] = f"{ours}.{direction}.l{lvl}_dcn.conv_offset"
-            if lvl != "3":
-                names[f"{official}.L{lvl}_fea_conv_{j}"] = f"{ours}.{direction}.l{lvl}_fea_conv"
-    return names
-
-
-def _pyramid_names(official: str, ours: str) -> dict[str, str]:
-    return {f"{official}.fea_L{lvl}_conv{k}" if official else f"fea_L{lvl}_conv{k}": f"{ours}.l{lvl}_conv{k}"
-            for lvl in ("2", "3") for k in ("1", "2")}
-
-
-def official_names(front_blocks: int = 5, back_blocks: int = 40, tmnet: bool = False) -> dict[str, str]:
-    """Every tensor name of an official file -> its name in :class:`MEGAN`.
-
-    Zooming Slow-Mo (``MEGANConfig.zooming_slowmo()``): 416 names for the
-    released network (5 front and 40 back residual blocks).  ``tmnet``
-    (``MEGANConfig.tmnet()``): 482, its temporal modulation blocks
-    (``pcd_align.TMB_A_l1`` .. ``TMB_B_l3``) and its neighbour comparison
-    (``layersAtBOffset``, ``layersAtB``, ``layersCtBOffset``, ``layersCtB``,
-    ``layersFusion``) added.
-    """
-    modules = {"conv_first": "features.conv_first", "fusion": "interpolation.fusion",
-               "ConvBLSTM.forward_net.cell_list.0.conv": "convlstm.cell", "ConvBLSTM.conv_1x1": "convlstm.fusion",
-               "upconv1": "reconstruction.upconv1", "upconv2": "reconstruction.upconv2",
-               "HRconv": "reconstruction.conv_hr", "conv_last": "reconstruction.conv_last"}
-    for i in range(front_blocks):
-        for conv in ("conv1", "conv2"):
-            modules[f"feature_extraction.{i}.{conv}"] = f"features.trunk.{i}.{conv}"
-    for i in range(back_blocks):
-        for conv in ("conv1", "conv2"):
-            modules[f"recon_trunk.{i}.{conv}"] = f"reconstruction.trunk.{i}.{conv}"
-    modules.update(_pyramid_names("", "features.pyramid"))
-    modules.update(_pcd_names("pcd_align", "interpolation"))
-    for state in ("h", "c"):
-        official, ours = f"ConvBLSTM.forward_net.pcd_{state}", f"convlstm.pcd_{state}"
-        modules.update(_pyramid_names(official, f"{ours}.pyramid"))
-        modules.update(_pcd_names(f"{official}.pcd_align", f"{ours}.pcd"))
-        modules[f"{official}.fusion"] = f"{ours}.pcd.fusion"
-    weight_only = {}
-    if tmnet:
-        # TMB_A modulates the first frame's branch (suffix _1), TMB_B the second's (_2).
-        for branch, direction in (("A", "align_1to2"), ("B", "align_2to1")):
-            for lvl in ("1", "2", "3"):
-                official, ours = f"pcd_align.TMB_{branch}_l{lvl}", f"interpolation.{direction}.l{lvl}_time"
-                for i in ("0", "2", "4"):  # the time MLP's 1x1 convs have no bias
-                    weight_only[f"{official}.t_process.{i}.weight"] = f"{ours}.time_mlp.{i}.weight"
-                for i in ("0", "2"):
-                    modules[f"{official}.f_process.{i}"] = f"{ours}.features.{i}"
-        for official, side in (("AtB", "prev"), ("CtB", "next")):
-            for i in ("0", "2"):
-                modules[f"layers{official}Offset.{i}"] = f"comparison.offset_{side}.{i}"
-            modules[f"layers{official}"] = f"comparison.dcn_{side}"
-            modules[f"layers{official}.conv_offset_mask"] = f"comparison.dcn_{side}.conv_offset"
-        for i in ("0", "2", "4", "6"):
-            modules[f"layersFusion.{i}"] = f"comparison.fusion.{i}"
-    names = {f"{a}.{p}": f"{b}.{p}" for a, b in modules.items() for p in ("weight", "bias")}
-    return {**names, **weight_only}
+__all__ = ["available_memory", "check_memory", "check_state_size", "check_weights", "describe_mismatch",
+           "load_folder", "load_model", "load_plain", "read_state_dict"]
 
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
@@ -159,13 +90,6 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
     return state
 
 
-def _count_blocks(state: dict[str, Tensor], prefix: str, default: int) -> int:
-    """How many residual blocks the file has: the distinct indices present (a stray large index is then an
-    unexpected tensor, not a model of that many blocks)."""
-    found = {m.group(1) for k in state if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
-    return len(found) if found else default
-
-
 def _check_stored(state: dict[str, Tensor], source: str) -> None:
     """Refuses tensors that claim more values than the file stores (views of one small storage, expanded with
     stride 0): such a file is a few megabytes on disk and gigabytes once a model is built from it."""
@@ -182,75 +106,158 @@ def _check_stored(state: dict[str, Tensor], source: str) -> None:
                               "weights, one tensor each")
 
 
-def _listing(names: list[str], what: str) -> str:
-    shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
-    return f"{len(names)} {what} ({shown})"
-
-
-_TMNET_PREFIXES = ("pcd_align.TMB_", "layersAtB", "layersCtB", "layersFusion.")
-
-
-def from_official_state_dict(state: dict[str, Tensor], source: str = "state dict") -> MEGAN:
-    """The model of an official state dict: Zooming Slow-Mo (``conv_first``, ``pcd_align``, ``ConvBLSTM``, ...)
-    or TMNet (the same plus ``pcd_align.TMB_*`` and ``layers*``).
-
-    nf, the deformable groups and the residual block counts are read from
-    the tensors.  A dict that does not match gets one :class:`CheckpointError`
-    naming the missing and unexpected tensors and the shape mismatches (the
-    first few of each, with the official names).
-    """
+def check_state_size(state: dict[str, Tensor], source: str) -> None:
+    """Refuses a state dict whose tensors claim more values than the file stores, or more parameters than fit in
+    this process's memory: checked on the names and shapes, before anything is built."""
     _check_stored(state, source)
     check_memory(sum(v.numel() for v in state.values()), 0, source)
-    # TMNet when it has at least half of TMNet's own tensors (a stray one is an unexpected tensor of the other)
-    own_tmnet = len(official_names(0, 0, tmnet=True)) - len(official_names(0, 0))
-    tmnet = 2 * sum(k.startswith(_TMNET_PREFIXES) for k in state) >= own_tmnet
-    preset, network = (MEGANConfig.tmnet, "TMNet") if tmnet else (MEGANConfig.zooming_slowmo, "Zooming Slow-Mo")
-    first = state.get("conv_first.weight")
-    nf = int(first.shape[0]) if first is not None and first.dim() == 4 else 64
-    offsets = state.get("pcd_align.L3_dcnpack_1.conv_offset_mask.weight")
-    groups = int(offsets.shape[0]) // 27 if offsets is not None and offsets.shape[0] % 27 == 0 else 8
-    front, back = _count_blocks(state, "feature_extraction", 5), _count_blocks(state, "recon_trunk", 40)
+
+
+def _min_tensors(cfg: MEGANConfig) -> int:
+    """A lower bound of the tensors a config's model has (4 per residual block, 6 per PFRDB)."""
+    return 4 * (cfg.front_blocks + cfg.back_blocks) + 6 * cfg.num_pfrdb + (5 * cfg.graph_layers if cfg.lmga else 0)
+
+
+def _header_shapes(weights_path: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a safetensors file, from its header (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        config = preset(nf=nf, deformable_groups=max(groups, 1), front_blocks=front, back_blocks=back)
-    except ConfigError as exc:  # e.g. nf not divisible by the deformable groups
-        raise CheckpointError(f"{source}: a {network} file of nf = {nf} and {groups} deformable groups, which this "
-                              f"package cannot build ({str(exc).removeprefix('MEGAN: ')}); the released networks "
-                              "have nf = 64 and 8 groups") from None
+        with safe_open(weights_path, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+
+
+def _check_fits(cfg: MEGANConfig, config_path: str, weights_path: str, count: int) -> None:
+    """Refuses a config with more blocks than the weights file has tensors (``count``), before building even a
+    meta model of it (``back_blocks: 100000000`` would otherwise take minutes and gigabytes to fail)."""
+    if _min_tensors(cfg) > count:
+        raise CheckpointError(f"{config_path}: the config has more blocks than {os.path.basename(weights_path)} "
+                              f"has tensors ({count}); the weights do not fit this config")
+
+
+def describe_mismatch(own: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]],
+                      strict: bool = True) -> str | None:
+    """What differs between a model's tensor shapes and those of some weights, in a few words; None if they fit."""
+    bad = [f"{k}: checkpoint {v} vs model {own[k]}" for k, v in given.items() if k in own and v != own[k]]
+    if bad:
+        return (f"{len(bad)} tensor(s) of another shape (" + "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
+                + ")")
+    if strict:
+        missing = [k for k in own if k not in given]
+        unexpected = [k for k in given if k not in own]
+        parts = ([f"{len(missing)} missing (e.g. {missing[0]!r})"] if missing else []) + (
+            [f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})"] if unexpected else [])
+        if parts:
+            return "tensors " + " and ".join(parts)
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the system's available memory, and the address-space limit
+    (``ulimit -v``) less what the process maps already; None where neither can be read (not Linux)."""
+    import resource
+
+    limits = []
     try:
-        with torch.device("meta"):
-            model = MEGAN(config)
-    except (RuntimeError, OverflowError, MemoryError):  # a nonsensical width: compare with the released network
-        config, nf = preset(), 64
-        with torch.device("meta"):
-            model = MEGAN(config)
-    names = official_names(front, back, tmnet)
-    own = model.state_dict()
-    missing = [k for k in names if k not in state]
-    unexpected = [k for k in state if k not in names]
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[names[k]].shape)}" for k in names
-              if k in state and tuple(state[k].shape) != tuple(own[names[k]].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(_listing(missing, "missing"))
-        if unexpected:
-            parts.append(_listing(unexpected, "unexpected"))
-        if shapes:
-            parts.append(f"{len(shapes)} of another shape ({'; '.join(shapes[:3])}{'; ...' if len(shapes) > 3 else ''})")
-        if nf != 64:  # the official code keeps upconv2, HRconv and conv_last 64 wide whatever nf is; ours does not
-            raise CheckpointError(f"{source}: an official {network} file of nf = {nf} (conv_first.weight); only "
-                                  f"nf = 64 official files, the released networks, are supported (tensors "
-                                  f"{', '.join(parts)})")
-        raise CheckpointError(f"{source}: not the {network} network: tensors {', '.join(parts)}")
-    check_weights(state, source)
-    model = MEGAN(config)
-    model.load_state_dict({names[k]: v for k, v in state.items()})
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/status") as f:
+                mapped = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmSize:"))
+            limits.append(max(soft - mapped, 0))
+        except (OSError, ValueError, IndexError, StopIteration):
+            limits.append(soft)
+    return min(limits) if limits else None
+
+
+def check_memory(params: int, extra_bytes: int, source: str) -> None:
+    """Refuses, before anything is built, a model of ``params`` float32 parameters (plus ``extra_bytes`` of
+    weights read beside it) that does not fit in this machine's available memory."""
+    need = 4 * params + extra_bytes
+    free = available_memory()
+    if free is not None and need > free:
+        raise CheckpointError(f"{source}: the model has {params:,} parameters and needs about {need / 2**30:.1f} GiB "
+                              f"to load; this machine has {free / 2**30:.1f} GiB available")
+
+
+def check_weights(state: dict, source: str) -> None:
+    """Refuses weights a model cannot use: not dense floating-point tensors, or NaN/infinite in float32."""
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor) or v.layout != torch.strided or v.is_meta:
+            raise CheckpointError(f"{source}: tensor {k!r} is not a dense tensor with values "
+                                  f"({getattr(v, 'layout', type(v).__name__)}); expected plain weights")
+        if v.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            what = "which is not supported" if v.is_floating_point() else "not floating point"
+            raise CheckpointError(f"{source}: tensor {k!r} has dtype {str(v.dtype).removeprefix('torch.')}, {what}; "
+                                  "expected float16, bfloat16, float32 or float64 weights")
+    broken = [k for k, v in state.items() if not bool(torch.isfinite(v.float()).all())]
+    if broken:
+        raise CheckpointError(f"{source}: {len(broken)} tensor(s) hold NaN or infinite weights (e.g. {broken[0]!r}) "
+                              "in float32; the model would give garbage")
+
+
+def load_folder(directory: str | os.PathLike, map_location: str | torch.device = "cpu", cls: type = MEGAN) -> MEGAN:
+    """The model of a folder with ``config.json`` and ``model.safetensors`` (:meth:`MEGAN.from_pretrained`).
+
+    The config is checked and built on the meta device first: its shapes are
+    compared with the safetensors header and its size with the available
+    memory before any tensor is allocated or read.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, CONFIG_NAME)
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isdir(directory):
+        raise MissingCheckpointError(f"{directory}: no such checkpoint folder (expected {CONFIG_NAME} and "
+                                     f"{WEIGHTS_NAME})")
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise MissingCheckpointError(f"{path} not found (a checkpoint folder holds {CONFIG_NAME} and "
+                                         f"{WEIGHTS_NAME})")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_path}: not a readable JSON file ({exc})") from None
+    if isinstance(config, dict):
+        config.pop("written_by", None)  # save_pretrained's mark (a command's), not a config field
+    try:
+        cfg = MEGANConfig.from_dict(config, source=config_path)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    header = _header_shapes(weights_path)
+    _check_fits(cfg, config_path, weights_path, len(header))
+    try:
+        with torch.device("meta"):  # shapes and size first: nothing is allocated
+            plan = cls(cfg)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    mismatch = describe_mismatch({k: tuple(v.shape) for k, v in plan.state_dict().items()}, header)
+    if mismatch:
+        raise CheckpointError(f"{weights_path}: the weights do not fit this model's config ({CONFIG_NAME}): "
+                              f"{mismatch}")
+    check_memory(sum(p.numel() for p in plan.parameters()), os.path.getsize(weights_path), config_path)
+    try:
+        model = cls(cfg)
+    except (RuntimeError, MemoryError) as exc:  # the estimate above was short of what the allocator wanted
+        raise CheckpointError(f"{config_path}: cannot build this model here ({str(exc).splitlines()[0]})") from None
+    try:
+        state = load_file(weights_path, device=str(map_location))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+    check_weights(state, weights_path)
+    model.load_state_dict(state)  # the shapes and names were compared with the header above
     return model
-
-
-def _looks_official(state: dict[str, Tensor]) -> bool:
-    return any(k.startswith(("ConvBLSTM.", "pcd_align.", "recon_trunk.", "feature_extraction.", *_TMNET_PREFIXES))
-               for k in state)
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> MEGAN:
@@ -278,7 +285,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                                      f"{WEIGHTS_NAME}, or an official Zooming Slow-Mo or TMNet .pth file)")
     else:
         state = read_state_dict(path)
-        if not _looks_official(state) and any(k.startswith(("features.", "convlstm.", "reconstruction.")) for k in state):
+        if not looks_official(state) and any(k.startswith(("features.", "convlstm.", "reconstruction.")) for k in state):
             raise CheckpointError(f"{path}: a state dict of this package's own names without its {CONFIG_NAME}; "
                                   "save models with MEGAN.save_pretrained (a folder) to load them here")
         model = from_official_state_dict(state, source=path).to(map_location)

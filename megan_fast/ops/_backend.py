@@ -10,14 +10,21 @@ Backends:
     auto       the fastest measured implementation for the tensor's device.
 
 The default comes from the environment variable ``MEGAN_FAST_BACKEND`` (``auto``
-if unset); :func:`use_backend` changes it for a block, :func:`set_backend` for
-good.  Every op registers one implementation per backend (per device type
-where they differ: ``triton`` on CPU tensors is the interpreted path of
-:func:`megan_fast.ops._library.interpreted`); the choice is resolved into a
-table ``op -> device type -> callable`` whenever the backend changes, so a
-call costs one dictionary look-up.  What ``auto`` runs is a backend per device
-type, or a :class:`PerCall` rule (measured in docs/PERFORMANCE.md) that picks
-one of named backends from the call's arguments; ``megan-fast info`` shows it.
+if unset); :func:`use_backend` changes it for a block, in the calling thread
+only (a :class:`threading.local`: other threads keep theirs; ``torch.compile``
+traces both the look-up, guarding on it, and a ``use_backend`` block inside
+a compiled function), and :func:`set_backend` for the rest of the calling
+thread.  Every op registers
+one implementation per backend (per device type where they differ:
+``triton`` on CPU tensors is the interpreted path of
+:func:`megan_fast.ops._library.interpreted`); the choices are resolved into
+tables ``backend -> op -> device type -> callable`` when an op is
+registered, so a call costs two dictionary look-ups.  What ``auto`` runs is
+a backend per device type, or a :class:`PerCall` rule (measured in
+docs/PERFORMANCE.md) that picks one of named backends from the call's
+arguments; on CUDA only where the op's Triton code paths have run on a real
+GPU (:data:`GPU_VERIFIED`), the peer otherwise; ``megan-fast info`` shows
+both.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import threading
 from typing import Callable, Iterator, Union
 
 import torch
@@ -73,16 +81,39 @@ class PerCall:
 Choice = Union[str, PerCall]
 
 
+# Triton code paths on CUDA that have run on a real GPU: the Triton tests passed there and
+# benchmarks/gpu_summary.py measured them (docs/PERFORMANCE.md, "GPU-verified paths").  Until both
+# passes of an op are verified, ``auto`` runs its peer (torchvision, SDPA, the plain formula) on CUDA.
+GPU_VERIFIED: dict[str, dict[str, bool]] = {
+    # The autotuned forward and the one-pass backward: under the interpreter and compiled for sm_90 only.
+    "modulated_deform_conv2d": {"forward": False, "backward": False},
+    # The autotuned forward and the backward whose dQ kernel computes D: the same.
+    "nonlocal_attention": {"forward": False, "backward": False},
+    # Unchanged since the H100 session of docs/PERFORMANCE.md, "GPU (H100)".
+    "graph_aggregate": {"forward": True, "backward": True},
+    # Never run on a GPU.
+    "upsample_bilinear2x": {"forward": False, "backward": False},
+}
+
+
+def gpu_verified(op: str) -> bool:
+    """Whether every CUDA code path of op ``op``'s Triton kernels has run on a real GPU (:data:`GPU_VERIFIED`)."""
+    return all(GPU_VERIFIED.get(op, {"forward": False}).values())
+
+
 class _Registry:
     def __init__(self) -> None:
         self.impls: dict[str, dict[str, Callable | dict[str, Callable]]] = {}
         self.available: dict[str, dict[tuple[str, str], str | None]] = {}
         self.auto: dict[str, dict[str, Choice]] = {}
-        self.table: dict[str, dict[str, Callable]] = {}
-        self.name = _check_name(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
+        # backend name -> op -> device type -> callable, for every backend name
+        self.tables: dict[str, dict[str, dict[str, Callable]]] = {name: {} for name in BACKENDS}
 
 
 _REG = _Registry()
+# The backend in force in each thread (attribute ``name``); the environment variable gives the default.
+_DEFAULT = _check_name(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
+_LOCAL = threading.local()
 
 
 def register_op(
@@ -116,10 +147,12 @@ def _unavailable(op: str, backend: str, device_type: str, reason: str) -> Callab
     return fail
 
 
-def backend_for(op: str, device_type: str) -> Choice:
-    """The backend (or per-call rule) that op ``op`` uses for tensors of ``device_type`` now."""
-    if _REG.name != "auto":
-        return _REG.name
+def backend_for(op: str, device_type: str, name: str | None = None) -> Choice:
+    """The backend (or per-call rule) that op ``op`` uses for tensors of ``device_type`` under backend ``name``
+    (default: the one in force)."""
+    name = get_backend() if name is None else name
+    if name != "auto":
+        return name
     return _REG.auto[op].get(device_type, "reference")
 
 
@@ -135,8 +168,8 @@ def _impl_for(op: str, backend: str, device_type: str) -> Callable:
     return found
 
 
-def _resolve(op: str, device_type: str) -> Callable:
-    choice = backend_for(op, device_type)
+def _resolve(op: str, device_type: str, name: str) -> Callable:
+    choice = backend_for(op, device_type, name)
     if isinstance(choice, PerCall):
         chosen = {b: _impl_for(op, b, device_type) for b in choice.backends}
         pick = choice.pick
@@ -145,51 +178,56 @@ def _resolve(op: str, device_type: str) -> Callable:
 
 
 def _rebuild(op: str) -> None:
-    _REG.table[op] = {dt: _resolve(op, dt) for dt in DEVICE_TYPES}
+    for name in BACKENDS:
+        _REG.tables[name][op] = {dt: _resolve(op, dt, name) for dt in DEVICE_TYPES}
 
 
 def impl(op: str, device_type: str) -> Callable:
-    """The callable that runs ``op`` for tensors of ``device_type``."""
-    table = _REG.table[op]
+    """The callable that runs ``op`` for tensors of ``device_type`` under the backend in force."""
+    name = get_backend()
+    table = _REG.tables[name][op]
     if device_type in table:
         return table[device_type]
     if device_type == "meta":
         # Shape propagation (FLOP counting, fake tensors): the op's fake kernel.
-        backend = "native" if _REG.name in ("auto", "native", "triton") else _REG.name
+        backend = "native" if name in ("auto", "native", "triton") else name
         return _REG.impls[op][backend]
     # Other devices (mps, xpu, ...) run the plain-PyTorch reference unless a
     # specific backend was asked for.
-    if _REG.name in ("auto", "reference"):
+    if name in ("auto", "reference"):
         return _REG.impls[op]["reference"]
-    return _unavailable(op, _REG.name, device_type, "no kernel for this device")
+    return _unavailable(op, name, device_type, "no kernel for this device")
 
 
 def get_backend() -> str:
-    """The backend name in force (``auto`` unless changed)."""
-    return _REG.name
+    """The backend name in force in this thread (``auto`` unless changed)."""
+    return getattr(_LOCAL, "name", _DEFAULT)
 
 
 def set_backend(name: str) -> None:
-    """Sets the backend for all ops until changed again."""
-    _REG.name = _check_name(name, "set_backend(name)")
-    for op in _REG.impls:
-        _rebuild(op)
+    """Sets the backend for the rest of the calling thread (other threads keep theirs)."""
+    _LOCAL.name = _check_name(name, "set_backend(name)")
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Runs the block with backend ``name`` for every op, then restores the previous one.
 
+    Only the calling thread is affected: other threads go on with their own
+    backend.  ``torch.compile`` traces it, inside a compiled function too,
+    and guards on the choice (another backend compiles again).
+
     Example:
         >>> with megan_fast.ops.use_backend("reference"):
         ...     y = modulated_deform_conv2d(x, offset, weight, mask=mask)
     """
-    previous = _REG.name
-    set_backend(name)
+    checked = _check_name(name, "use_backend(name)")
+    previous = get_backend()
+    _LOCAL.name = checked
     try:
         yield
     finally:
-        set_backend(previous)
+        _LOCAL.name = previous
 
 
 def describe() -> list[dict[str, str]]:

@@ -143,10 +143,14 @@ class FusedOp:
         """What ``auto`` runs on CPU tensors: the C++ kernels, or the reference when they are not built."""
         return "native" if self.native else "reference"
 
-    def cuda_triton_ok(self) -> bool:
+    def cuda_auto(self, measured):
+        """What ``auto`` runs on CUDA tensors: ``measured`` (a backend name or a :class:`_backend.PerCall` rule
+        from docs/PERFORMANCE.md) once the op's Triton code paths have run on a real GPU
+        (:data:`_backend.GPU_VERIFIED`) and Triton can run here; the peer ("stock") otherwise."""
         from megan_fast.ops import _backend
 
-        return self.triton_error is None and _backend.triton_status("cuda") is None
+        usable = self.triton_error is None and _backend.triton_status("cuda") is None
+        return measured if usable and _backend.gpu_verified(self.name) else "stock"
 
 
 def register_fused_op(

@@ -168,6 +168,11 @@ def _triton_cpu(input, offset, weight, bias, stride, padding, dilation, mask):
 def _stock(input, offset, weight, bias, stride, padding, dilation, mask):
     import torchvision.ops
 
+    if input.dtype == torch.bfloat16:
+        # torchvision has no bfloat16 kernels: its own autocast runs them in float32, and so does its peer here.
+        args = [t.float() if t is not None else None for t in (input, offset, weight, bias, mask)]
+        out = torchvision.ops.deform_conv2d(args[0], args[1], args[2], args[3], stride, padding, dilation, args[4])
+        return out.to(torch.bfloat16)
     return torchvision.ops.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
 
 
@@ -188,8 +193,8 @@ _backend.register_op(
     },
     FUSED.availability(),
     {"cpu": FUSED.auto_cpu(),
-     "cuda": _backend.PerCall(("triton", "stock"), _cuda_pick, "bfloat16: triton; else torchvision (stock)")
-     if FUSED.cuda_triton_ok() else "stock"},
+     "cuda": FUSED.cuda_auto(_backend.PerCall(("triton", "stock"), _cuda_pick,
+                                              "bfloat16: triton; else torchvision (stock)"))},
 )
 
 

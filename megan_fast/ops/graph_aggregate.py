@@ -116,7 +116,7 @@ _backend.register_op(
      "stock": graph_aggregate_reference},
     FUSED.availability(),
     # Measured: docs/PERFORMANCE.md.
-    {"cpu": FUSED.auto_cpu(), "cuda": "triton" if FUSED.cuda_triton_ok() else "stock"},
+    {"cpu": FUSED.auto_cpu(), "cuda": FUSED.cuda_auto("triton")},
 )
 
 

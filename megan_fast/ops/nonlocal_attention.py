@@ -133,9 +133,8 @@ _backend.register_op(
      "stock": _stock},
     FUSED.availability(),
     {"cpu": FUSED.auto_cpu(),
-     "cuda": _backend.PerCall(("triton", "stock"), _cuda_pick,
-                              "triton for forward-only fp16/bf16 with n*m >= 2**22; else SDPA (stock)")
-     if FUSED.cuda_triton_ok() else "stock"},
+     "cuda": FUSED.cuda_auto(_backend.PerCall(("triton", "stock"), _cuda_pick,
+                                              "triton for forward-only fp16/bf16 with n*m >= 2**22; else SDPA (stock)"))},
 )
 
 

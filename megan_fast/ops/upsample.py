@@ -73,7 +73,7 @@ _backend.register_op(
      "reference": upsample_bilinear2x_reference, "stock": upsample_bilinear2x_reference},
     FUSED.availability(),
     # Measured on CPU: docs/PERFORMANCE.md; CUDA: the Triton kernels (no atomics in the backward).
-    {"cpu": FUSED.auto_cpu(), "cuda": "triton" if FUSED.cuda_triton_ok() else "stock"},
+    {"cpu": FUSED.auto_cpu(), "cuda": FUSED.cuda_auto("triton")},
 )
 
 

@@ -7,6 +7,7 @@ RuntimeError that Python's ``-O`` does not strip.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -16,36 +17,44 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = [
-    "INTERPRET", "KERNELS_ENV", "dot", "exact_products", "expect", "kernel_generation", "launch", "num_sms",
-    "numel_needs_int64", "runnable", "strided_needs_int64", "tf32_allowed",
+    "INTERPRET", "Precision", "dot", "expect", "launch", "num_sms", "numel_needs_int64", "precision", "runnable",
+    "strided_needs_int64", "tf32_allowed",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once: triton reads it at import too
 INT32_LIMIT = 2**31 - 1
-KERNELS_ENV = "MEGAN_FAST_TRITON_KERNELS"
-_GENERATIONS = ("current", "previous")
 
 
-def kernel_generation() -> str:
-    """Which generation of the Triton kernels the launchers run, from ``MEGAN_FAST_TRITON_KERNELS``
-    (read at every call): ``current`` (default; docs/DESIGN.md, "Triton kernels: one-pass DCN backward and
-    autotuning") or ``previous`` (the kernels measured in docs/PERFORMANCE.md before them, kept reachable
-    for comparison until the new ones are measured on a GPU)."""
-    value = os.environ.get(KERNELS_ENV, "current").strip().lower() or "current"
-    if value not in _GENERATIONS:
-        raise ValueError(f"{KERNELS_ENV} must be one of {', '.join(_GENERATIONS)}, got {value!r}")
-    return value
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How a Triton kernel computes for one dtype on one device (:func:`precision`)."""
+
+    ieee: bool  # fp32 / fp64 tl.dot tiles as exact IEEE products (the kernels' IEEE constexpr)
+    compute: object  # the kernels' CDT: the triton type of accumulators and element-wise work
+    accumulate: torch.dtype  # the same as a torch dtype: buffers of atomics and partial sums
 
 
-def exact_products(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether fp32/fp64 tiles go through ``tl.dot`` as exact IEEE products: always for float64 and on the
-    interpreter; for float32 on a GPU unless the user allowed TF32 (:func:`tf32_allowed`, as for torch's own
-    matmuls).  fp16/bf16 tiles are products in their own type either way (False)."""
+def precision(dtype: torch.dtype, device: torch.device) -> Precision:
+    """The one precision table of the Triton kernels, honoured by all four ops (docs/DESIGN.md section 2).
+
+    ========  ======================  ======================================  ============
+    dtype     device                  tl.dot products                         accumulation
+    ========  ======================  ======================================  ============
+    float16   cuda                    float16 operands (tensor cores)         float32
+    bfloat16  cuda                    bfloat16 operands (tensor cores)        float32
+    float32   cuda, TF32 not allowed  exact IEEE products                     float32
+    float32   cuda, TF32 allowed      TF32 (:func:`tf32_allowed`)             float32
+    float32   cpu (interpreter)       exact (numpy)                           float32
+    float64   cpu (interpreter)       exact (numpy)                           float64
+    float64   cuda                    refused by :func:`runnable`             -
+    ========  ======================  ======================================  ============
+
+    TF32 is allowed as for torch's own matmuls: by the user, never by default.
+    """
     if dtype == torch.float64:
-        return True
-    if dtype != torch.float32:
-        return False
-    return not (device.type == "cuda" and tf32_allowed())
+        return Precision(True, tl.float64, torch.float64)
+    ieee = dtype == torch.float32 and not (device.type == "cuda" and tf32_allowed())
+    return Precision(ieee, tl.float32, torch.float32)
 
 
 def tf32_allowed() -> bool:

@@ -64,10 +64,23 @@ Conventions (checked against torchvision's CPU kernels)
   float -> int conversion, so no load or atomic can go out of bounds and
   their gradients are 0 (torchvision gives NaN or reads out of bounds there).
 
-Precision: accumulation in fp32 (fp64 for fp64 inputs).  fp32 and fp64 tiles
-go through ``tl.dot`` with ``input_precision="ieee"`` (no TF32); fp16/bf16
-tiles are fed to ``tl.dot`` in their own type with fp32 accumulation.  Atomic
-accumulation buffers are fp32 (fp64 for fp64) and cast at the end.
+Backward paths
+--------------
+* Up to 128 output channels per group (MEGAN: 64), one sampling pass
+  (:func:`_dcn_bwd_one_pass_kernel`): a program holds its weight slice for all
+  of the group's output channels, so every gradient comes from one gather.
+* Wider groups (more output channels per group than one register tile holds):
+  two passes, :func:`_dcn_bwd_wide_inputs_kernel` (grad_cols reduced over
+  blocks of output channels, then the input, offset and mask gradients by
+  atomics) and :func:`_dcn_bwd_wide_weight_kernel` (the columns sampled again,
+  the weight gradient in blocks of output channels).
+
+Precision (the table in megan_fast/triton/_utils.py, one for the four ops):
+accumulation in fp32 (fp64 for fp64 inputs, interpreter only); fp32 tiles
+are exact IEEE products unless the user allowed TF32, fp64 tiles always;
+fp16/bf16 tiles are fed to ``tl.dot`` in their own type with fp32
+accumulation.  Atomic accumulation buffers are fp32 (fp64 for fp64) and cast
+at the end.
 """
 
 from __future__ import annotations
@@ -79,9 +92,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megan_fast.triton._utils import (
-    dot, exact_products, expect, kernel_generation, launch, num_sms, numel_needs_int64, runnable,
-)
+from megan_fast.triton._utils import dot, expect, launch, num_sms, numel_needs_int64, precision, runnable
 
 __all__ = ["deform_conv2d_forward", "deform_conv2d_backward"]
 
@@ -287,7 +298,7 @@ def _dcn_fwd_kernel(
 
 
 @triton.jit
-def _dcn_bwd_data_kernel(
+def _dcn_bwd_wide_inputs_kernel(
     gout_ptr, x_ptr, off_ptr, msk_ptr, w_ptr,
     gin_ptr, goff_ptr, gmsk_ptr,
     P, C, H, W, Ho, Wo, Co, Cg, Cog, KC, Cpo, OG, KW, K,
@@ -370,7 +381,7 @@ def _dcn_bwd_data_kernel(
 
 
 @triton.jit
-def _dcn_bwd_weight_kernel(
+def _dcn_bwd_wide_weight_kernel(
     gout_ptr, x_ptr, off_ptr, msk_ptr, part_ptr,
     P, C, H, W, Ho, Wo, Co, Cg, Cog, KC, Cpo, OG, KW, K, G, TILES_PER_SPLIT,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -509,13 +520,13 @@ def _dcn_bwd_one_pass_kernel(
     tl.store(part_ptr + part_off, acc_w, mask=r_ok[:, None] & n_ok[None, :])
 
 
-# ---- autotuned entry points (CUDA, current generation)
+# ---- autotuned entry points (CUDA)
 #
 # CHUNK follows from the geometry and BLOCK_K, so it is a heuristic under the
 # autotuner: every config gets its own.  DIRECT is decided on the host (it
-# fixes how the gradient buffers are allocated) and holds in every config.  The config lists hold the hand-picked settings of the
-# previous generation plus neighbours; all compile for sm_90 without register
-# spills (benchmarks/sm90_compile.py).  Autotuning benchmarks each config on the
+# fixes how the gradient buffers are allocated) and holds in every config.  The config lists hold the
+# hand-picked settings measured on an H100 (docs/PERFORMANCE.md) plus neighbours; all compile for sm_90 without register
+# spills (python -m megan_fast.triton.sm90_compile).  Autotuning benchmarks each config on the
 # first call of a new problem size: warm up outside timed and captured regions
 # (torch.compile's reduce-overhead does, with its eager warm-up runs).
 
@@ -543,14 +554,17 @@ _dcn_bwd_one_pass_tuned = triton.autotune(_configs([
 ]), key=_TUNE_KEY, reset_to_zero=["gin_ptr", "goff_ptr", "gmsk_ptr"])(_dcn_bwd_one_pass)
 
 
-def _tuned(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the launchers run the autotuned entry points (CUDA, not float64, current generation)."""
-    return device.type == "cuda" and dtype != torch.float64 and kernel_generation() == "current"
+
+
+def _tuned(device: torch.device) -> bool:
+    """Whether the launchers run the autotuned entry points: on CUDA (the interpreter takes fixed blocks)."""
+    return device.type == "cuda"
 
 
 # Every split of the one-pass backward covers a multiple of the largest BLOCK_P above.
 _SPLIT_PIXELS = 128
-# Largest output-channel count per group the one-pass backward holds in one tile.
+# Largest output-channel count per group the one-pass backward holds in one tile; wider groups take the
+# two-pass path (_backward_wide_groups).
 _ONE_PASS_MAX_COG = 128
 
 
@@ -597,48 +611,29 @@ def _geometry(input: Tensor, offset: Tensor, weight: Tensor, stride, padding, di
     )
 
 
-def _compute_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _next_pow2_clamped(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-def _fwd_config(geo: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    if device.type != "cuda":
-        # Interpreter: small tiles keep numpy temporaries small, and tails / several
-        # tiles get exercised by the tiny test problems.
-        return dict(BLOCK_P=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
-    if dtype == torch.float64:
-        return dict(BLOCK_P=64, BLOCK_N=_next_pow2_clamped(geo["Cog"], 16, 32), BLOCK_K=16, num_warps=4, num_stages=1)
-    # Cover all of a group's output channels (up to 128) with one N tile so the
-    # (expensive) sampling of a column tile is done once per pixel tile.  The sizes
-    # and warp counts below compile without register spills for sm_90 (ptxas -v,
-    # fp32 and fp16, chunks of 1, 8 and 32 channels); timed on an H100 in
-    # docs/PERFORMANCE.md ("Kernels vs their peers"), not tuned per shape.
-    bn = _next_pow2_clamped(geo["Cog"], 16, 128)
-    return dict(BLOCK_P=64, BLOCK_N=bn, BLOCK_K=32, num_warps=8, num_stages=2)
+# The interpreter's blocks (CPU tensors under TRITON_INTERPRET=1): small, so that numpy temporaries stay
+# small and the tiny test problems span several tiles and tails.  On CUDA the forward and the one-pass
+# backward are autotuned (lists above); the launchers refuse float64 on a GPU (triton/_utils.runnable).
+_INTERPRETER_FWD = dict(BLOCK_P=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+_INTERPRETER_ONE_PASS = dict(BLOCK_P=16, BLOCK_K=16, num_warps=4, num_stages=1)
 
 
-def _bwd_data_config(geo: dict, device: torch.device, dtype: torch.dtype) -> dict:
+def _wide_inputs_config(device: torch.device) -> dict:
     if device.type != "cuda":
-        return dict(BLOCK_P=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
-    if dtype == torch.float64:
         return dict(BLOCK_P=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
     # The scatter half of this kernel keeps ~12 [BLOCK_P, BLOCK_K] tensors live
     # (addresses, corner values, grad_cols): 8 warps keep that at ~8 elements a thread.
-    return dict(BLOCK_P=64, BLOCK_N=_next_pow2_clamped(geo["Cog"], 16, 64), BLOCK_K=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2)
 
 
-def _bwd_weight_config(geo: dict, device: torch.device, dtype: torch.dtype) -> dict:
+def _wide_weight_config(device: torch.device) -> dict:
     if device.type != "cuda":
         return dict(BLOCK_P=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1, max_split=2)
-    if dtype == torch.float64:
-        return dict(BLOCK_P=32, BLOCK_N=_next_pow2_clamped(geo["Cog"], 16, 32), BLOCK_K=16, num_warps=4,
-                    num_stages=1, max_split=None)
-    return dict(BLOCK_P=64, BLOCK_N=_next_pow2_clamped(geo["Cog"], 16, 64), BLOCK_K=32, num_warps=8,
-                num_stages=2, max_split=None)
+    return dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2, max_split=None)
 
 
 def _chunk(geo: dict, block_k: int) -> int:
@@ -698,17 +693,20 @@ def deform_conv2d_forward(
     wt = _permuted_weight(weight, geo)
     args = (x, offset, mask_c if mask_c is not None else offset, wt, bias_c if bias_c is not None else wt, out,
             *_conv_args(geo), *geo["conv"])
+    prec = precision(dtype, device)
     meta = dict(
         HAS_MASK=mask_c is not None, HAS_BIAS=bias_c is not None,
-        IEEE=exact_products(dtype, device), CDT=_compute_dtype(dtype),
+        IEEE=prec.ieee, CDT=prec.compute,
         INT64=numel_needs_int64(x, offset, out),
     )
-    if _tuned(device, dtype):
+    if _tuned(device):
+        # Cover all of a group's output channels (up to 128) with one N tile so the
+        # (expensive) sampling of a column tile is done once per pixel tile.
         bn = _next_pow2_clamped(geo["Cog"], 16, 128)
         grid = lambda cfg: (triton.cdiv(geo["P"], cfg["BLOCK_P"]), triton.cdiv(geo["Cog"], bn), geo["G"])  # noqa: E731
         launch(_dcn_fwd_tuned, grid, args, dict(meta, BLOCK_N=bn), "deform_conv2d", dtype, device)
         return out
-    cfg = _fwd_config(geo, device, dtype)
+    cfg = _INTERPRETER_FWD
     grid = (triton.cdiv(geo["P"], cfg["BLOCK_P"]), triton.cdiv(geo["Cog"], cfg["BLOCK_N"]), geo["G"])
     meta.update(BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -741,20 +739,19 @@ def deform_conv2d_backward(
             torch.zeros_like(weight),
             torch.zeros_like(mask) if mask is not None else input.new_empty(0),
         )
-    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    prec = precision(dtype, device)
     gout = grad_output.contiguous()
     x = _channels_last(input)
     offset_c = offset.contiguous()
     mask_c = mask.contiguous() if mask is not None else None
     wt = _permuted_weight(weight, geo)
     int64 = numel_needs_int64(x, offset_c, gout)
-    common = dict(HAS_MASK=mask_c is not None, IEEE=exact_products(dtype, device),
-                  CDT=_compute_dtype(dtype), INT64=int64)
-    gin = torch.zeros(geo["B"], geo["H"], geo["W"], geo["C"], dtype=acc_dtype, device=device)
-    if kernel_generation() == "current" and geo["Cog"] <= _ONE_PASS_MAX_COG:
+    common = dict(HAS_MASK=mask_c is not None, IEEE=prec.ieee, CDT=prec.compute, INT64=int64)
+    gin = torch.zeros(geo["B"], geo["H"], geo["W"], geo["C"], dtype=prec.accumulate, device=device)
+    if geo["Cog"] <= _ONE_PASS_MAX_COG:
         goff, gmsk, gw = _backward_one_pass(gout, x, offset_c, mask_c, wt, gin, geo, common, device, dtype)
     else:
-        goff, gmsk, gw = _backward_two_pass(gout, x, offset_c, mask_c, wt, gin, geo, common, device, dtype)
+        goff, gmsk, gw = _backward_wide_groups(gout, x, offset_c, mask_c, wt, gin, geo, common, device, dtype)
     # (G, K, Cg, Cog) -> (G, Cog, Cg, K) -> (Co, Cg, KH, KW)
     gw = gw.view(geo["G"], geo["K"], geo["Cg"], geo["Cog"]).permute(0, 3, 2, 1)
     grad_weight = torch.empty_like(weight).copy_(gw.reshape(weight.shape))
@@ -775,7 +772,7 @@ def _backward_one_pass(gout, x, offset_c, mask_c, wt, gin, geo, common, device, 
     out_dtype = offset_c.dtype if direct else acc_dtype
     goff = make(offset_c.shape, dtype=out_dtype, device=device)
     gmsk = make(mask_c.shape, dtype=out_dtype, device=device) if mask_c is not None else goff
-    tuned = _tuned(device, dtype)
+    tuned = _tuned(device)
     if tuned:
         # ~4 programs per SM (counted at BLOCK_K = 32), each over runs of _SPLIT_PIXELS pixels.
         runs = triton.cdiv(geo["P"], _SPLIT_PIXELS)
@@ -793,30 +790,31 @@ def _backward_one_pass(gout, x, offset_c, mask_c, wt, gin, geo, common, device, 
         grid = lambda cfg: (split, triton.cdiv(geo["KC"], cfg["BLOCK_K"]), geo["G"])  # noqa: E731
         launch(_dcn_bwd_one_pass_tuned, grid, args, meta, "deform_conv2d", dtype, device)
     else:
-        meta.update(BLOCK_P=16, BLOCK_K=16, num_warps=4, num_stages=1)
-        launch(_dcn_bwd_one_pass, (split, triton.cdiv(geo["KC"], 16), geo["G"]), args, meta,
+        meta.update(_INTERPRETER_ONE_PASS)
+        launch(_dcn_bwd_one_pass, (split, triton.cdiv(geo["KC"], meta["BLOCK_K"]), geo["G"]), args, meta,
                "deform_conv2d", dtype, device)
     gw = part.sum(0) if split > 1 else part[0]
     return goff, (gmsk if mask_c is not None else None), gw
 
 
-def _backward_two_pass(gout, x, offset_c, mask_c, wt, gin, geo, common, device, dtype):
-    """The previous generation: :func:`_dcn_bwd_data_kernel` then :func:`_dcn_bwd_weight_kernel` (which samples
-    the columns again)."""
+def _backward_wide_groups(gout, x, offset_c, mask_c, wt, gin, geo, common, device, dtype):
+    """Groups of more than 128 output channels: :func:`_dcn_bwd_wide_inputs_kernel`, then
+    :func:`_dcn_bwd_wide_weight_kernel` (which samples the columns again); neither holds a group's whole
+    weight slice in registers."""
     acc_dtype = gin.dtype
     # ---- grad_input / grad_offset / grad_mask (atomics into fp32 / fp64 buffers)
     goff = torch.zeros(offset_c.shape, dtype=acc_dtype, device=device)
     gmsk = torch.zeros(mask_c.shape, dtype=acc_dtype, device=device) if mask_c is not None else goff
-    cfg = _bwd_data_config(geo, device, dtype)
+    cfg = _wide_inputs_config(device)
     grid = (triton.cdiv(geo["P"], cfg["BLOCK_P"]), triton.cdiv(geo["KC"], cfg["BLOCK_K"]), geo["G"])
     args = (gout, x, offset_c, mask_c if mask_c is not None else offset_c, wt, gin, goff, gmsk,
             *_conv_args(geo), *geo["conv"])
     meta = dict(common, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                 CHUNK=_chunk(geo, cfg["BLOCK_K"]), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    launch(_dcn_bwd_data_kernel, grid, args, meta, "deform_conv2d", dtype, device)
+    launch(_dcn_bwd_wide_inputs_kernel, grid, args, meta, "deform_conv2d", dtype, device)
 
     # ---- grad_weight: split over pixel tiles, partial sums reduced on the host
-    cfg = _bwd_weight_config(geo, device, dtype)
+    cfg = _wide_weight_config(device)
     tiles_k = triton.cdiv(geo["KC"], cfg["BLOCK_K"])
     tiles_n = triton.cdiv(geo["Cog"], cfg["BLOCK_N"])
     tiles_p = triton.cdiv(geo["P"], cfg["BLOCK_P"])
@@ -836,6 +834,6 @@ def _backward_two_pass(gout, x, offset_c, mask_c, wt, gin, geo, common, device, 
             *_conv_args(geo), geo["G"], tiles_per_split, *geo["conv"])
     meta = dict(common, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                 CHUNK=_chunk(geo, cfg["BLOCK_K"]), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    launch(_dcn_bwd_weight_kernel, grid, args, meta, "deform_conv2d", dtype, device)
+    launch(_dcn_bwd_wide_weight_kernel, grid, args, meta, "deform_conv2d", dtype, device)
     gw = part.sum(0) if split > 1 else part[0]
     return goff, (gmsk if mask_c is not None else None), gw

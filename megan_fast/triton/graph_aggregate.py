@@ -88,10 +88,11 @@ and HW are.  fp32 atomics into a single [hd*c + 2*hd] vector instead would
 make every program hammer the same ~1k addresses and give run-to-run
 different sums.
 
-Precision: everything element-wise in fp32 (fp64 for fp64 inputs).  fp32 and
-fp64 tl.dot's use ``input_precision="ieee"`` (no TF32, to match torch);
-fp16 / bf16 operands (w1, d, dz) are fed to tl.dot in their own type with
-fp32 accumulation.  Triton passes Python floats as fp32: the launchers split
+Precision (the table in megan_fast/triton/_utils.py, one for the four ops):
+everything element-wise in fp32 (fp64 for fp64 inputs, interpreter only);
+fp32 tl.dot's are exact IEEE products unless the user allowed TF32, fp64
+ones always; fp16 / bf16 operands (w1, d, dz) are fed to tl.dot in their own
+type with fp32 accumulation.  Triton passes Python floats as fp32: the launchers split
 negative_slope into an fp32 pair hi + lo, added in the compute type (~48
 bits, plenty for the fp64 checks).
 """
@@ -105,7 +106,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megan_fast.triton._utils import dot, launch, num_sms, numel_needs_int64, runnable
+from megan_fast.triton._utils import dot, launch, num_sms, numel_needs_int64, precision, runnable
 
 __all__ = ["graph_aggregate_forward", "graph_aggregate_backward"]
 
@@ -460,13 +461,12 @@ def _config(p: int, c: int, hd: int, device: torch.device, backward: bool) -> di
     return dict(cfg, BLOCK_PIX=64 if p <= 3 else 32 if p <= 6 else 16, num_warps=4, progs_per_sm=None)
 
 
-def _common_meta(cfg: dict, p: int, dtype: torch.dtype, int64: bool) -> dict:
-    cdt = tl.float64 if dtype == torch.float64 else tl.float32
-    dot_dt = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dtype, cdt)
+def _common_meta(cfg: dict, p: int, dtype: torch.dtype, device: torch.device, int64: bool) -> dict:
+    prec = precision(dtype, device)
+    dot_dt = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dtype, prec.compute)
     return dict(
         P=p, NCH=cfg["NCH"], KC=cfg["KC"], HD_PAD=cfg["HD_PAD"], BLOCK_PIX=cfg["BLOCK_PIX"], USE_DOT=cfg["USE_DOT"],
-        IEEE=dtype in (torch.float32, torch.float64), INT64=int64, CDT=cdt, DOT_DT=dot_dt,
-        num_warps=cfg["num_warps"],
+        IEEE=prec.ieee, INT64=int64, CDT=prec.compute, DOT_DT=dot_dt, num_warps=cfg["num_warps"],
     )
 
 
@@ -492,7 +492,7 @@ def graph_aggregate_forward(
     tiles = triton.cdiv(hw, cfg["BLOCK_PIX"])
     slope_hi, slope_lo = _split_slope(float(negative_slope))
     int64 = numel_needs_int64(x, adj)
-    meta = _common_meta(cfg, p, nodes.dtype, int64)
+    meta = _common_meta(cfg, p, nodes.dtype, nodes.device, int64)
     args = (x, w1.contiguous(), b1.contiguous(), w2.contiguous(), out, adj if return_adjacency else out,
             c, hw, hd, tiles, slope_hi, slope_lo)
     launch(_ga_fwd_kernel, (b * tiles,), args, dict(meta, STORE_ADJ=bool(return_adjacency)), "graph_aggregate",
@@ -517,7 +517,6 @@ def graph_aggregate_backward(
         # weights get nothing either.
         return (torch.zeros_like(nodes, memory_format=torch.contiguous_format), torch.zeros_like(w1),
                 torch.zeros_like(b1), torch.zeros_like(w2))
-    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     x = nodes.contiguous()
     gout = grad_out.contiguous()
     grad_nodes = torch.empty(b, p, c, h, w, dtype=dtype, device=device)
@@ -528,9 +527,9 @@ def graph_aggregate_backward(
         nprog = min(num_tiles, 3)  # interpreter: several programs, several tiles each
     else:
         nprog = min(num_tiles, cfg["progs_per_sm"] * num_sms(device))
-    wpart = torch.zeros(nprog, hd * c + 2 * hd, dtype=acc_dtype, device=device)
+    wpart = torch.zeros(nprog, hd * c + 2 * hd, dtype=precision(dtype, device).accumulate, device=device)
     slope_hi, slope_lo = _split_slope(float(negative_slope))
-    meta = _common_meta(cfg, p, dtype, numel_needs_int64(x))
+    meta = _common_meta(cfg, p, dtype, device, numel_needs_int64(x))
     args = (gout, x, w1.contiguous(), b1.contiguous(), w2.contiguous(), grad_nodes, wpart,
             c, hw, hd, tiles, num_tiles, nprog, slope_hi, slope_lo)
     launch(_ga_bwd_kernel, (nprog,), args, meta, "graph_aggregate", dtype, device)

@@ -36,14 +36,15 @@ Backward (recomputation from lse, no N x M storage either):
     dQ  = scale * dS K
     dK  = scale * dS^T Q
 
-* ``_nla_bwd_preprocess_kernel``, grid (cdiv(N, BLOCK_Q), B): D.
-* ``_nla_bwd_dkdv_kernel``, grid (cdiv(M, BLOCK_KV), B): one program owns a
-  key block, keeps K, V, dK, dV for it in registers and loops over all query
-  blocks.  It works on the transposed tiles (P^T, dP^T, dS^T, [BLOCK_KV,
-  BLOCK_Q]) so that both products dV += P^T dO and dK += dS^T Q are plain
-  tl.dot's of a register tile with a loaded one.
-* ``_nla_bwd_dq_kernel``, grid (cdiv(N, BLOCK_Q), B): one program owns a
-  query block, keeps Q, dO, lse, D, dQ and loops over all key blocks.
+* ``_nla_bwd_dq_kernel``, grid (cdiv(N, BLOCK_Q), B), launched first: one
+  program owns a query block, keeps Q, dO, lse, D, dQ and loops over all key
+  blocks.  It computes D of its rows from the dO tile it holds anyway (and
+  the O tile) and stores it for the next kernel: no launch of its own for D.
+* ``_nla_bwd_dkdv_kernel``, grid (cdiv(M, BLOCK_KV), B), launched after it:
+  one program owns a key block, keeps K, V, dK, dV for it in registers and
+  loops over all query blocks, reading D.  It works on the transposed tiles
+  (P^T, dP^T, dS^T, [BLOCK_KV, BLOCK_Q]) so that both products dV += P^T dO
+  and dK += dS^T Q are plain tl.dot's of a register tile with a loaded one.
 Every output element is written by exactly one program: no atomics, no
 zero-initialised accumulation buffers, deterministic results.  The price is
 that P (and dP) are recomputed twice in the backward, once per kernel; with
@@ -75,11 +76,12 @@ Masks and tails
   rounding since lse >= every logit of its row.  Logits of +-1000 (or more)
   are fine.
 
-Precision: accumulation in fp32 (fp64 for fp64 inputs).  fp32 and fp64
-tiles go through ``tl.dot`` with ``input_precision="ieee"`` (no TF32, to
-match torch); fp16/bf16 tiles are fed to ``tl.dot`` in their own type with
-fp32 accumulation, P and dS being rounded to that type before their
-products, as every flash-attention kernel does.  Triton passes Python float
+Precision (the table in megan_fast/triton/_utils.py, one for the four ops):
+accumulation in fp32 (fp64 for fp64 inputs, interpreter only); fp32 tiles
+are exact IEEE products unless the user allowed TF32, fp64 tiles always;
+fp16/bf16 tiles are fed to ``tl.dot`` in their own type with fp32
+accumulation, P and dS being rounded to that type before their products, as
+every flash-attention kernel does.  Triton passes Python float
 arguments as fp32, which would limit the scale to 24 bits: the launchers
 split every scale into an fp32 pair hi + lo and the kernels add them in the
 compute type (about 48 bits, plenty for fp64 checks).
@@ -95,9 +97,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megan_fast.triton._utils import (
-    dot, exact_products, expect, kernel_generation, launch, num_sms, runnable, strided_needs_int64,
-)
+from megan_fast.triton._utils import dot, expect, launch, num_sms, precision, runnable, strided_needs_int64
 
 __all__ = ["nonlocal_attention_forward", "nonlocal_attention_backward"]
 
@@ -276,36 +276,6 @@ def _nla_fwd_kernel(
 
 
 @triton.jit
-def _nla_bwd_preprocess_kernel(
-    o_ptr, do_ptr, delta_ptr,
-    N,
-    stride_ob, stride_on, stride_od,
-    stride_dob, stride_don, stride_dod,
-    DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CDT: tl.constexpr, INT64: tl.constexpr,
-):
-    """delta[b, i] = sum_c dO[b, i, c] * O[b, i, c] (contiguous (B, N) buffer, CDT).
-
-    grid = (cdiv(N, BLOCK_Q), B).  D_i = sum_j P_ij dP_ij, since
-    O_i = sum_j P_ij V_j and dP_ij = dO_i . V_j: the softmax-Jacobian term,
-    computed once per row here instead of once per key block.
-    """
-    pid_q = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    if INT64:
-        offs_q = offs_q.to(tl.int64)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q_ok = offs_q < N
-    dv_ok = offs_dv < DV
-    o = _load_tile(o_ptr + pid_b * stride_ob + offs_q[:, None] * stride_on + offs_dv[None, :] * stride_od,
-                   q_ok, dv_ok, True, DV < BLOCK_DV).to(CDT)
-    do = _load_tile(do_ptr + pid_b * stride_dob + offs_q[:, None] * stride_don + offs_dv[None, :] * stride_dod,
-                    q_ok, dv_ok, True, DV < BLOCK_DV).to(CDT)
-    tl.store(delta_ptr + pid_b * N + offs_q, tl.sum(o * do, 1), mask=q_ok)
-
-
-@triton.jit
 def _nla_bwd_dkdv_step(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, start, N,
     offs_q, offs_d, offs_dv, d_ok, dv_ok,
@@ -436,14 +406,13 @@ def _nla_bwd_dq_kernel(
     qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IEEE: tl.constexpr, CDT: tl.constexpr, INT64: tl.constexpr, COMPUTE_DELTA: tl.constexpr,
+    IEEE: tl.constexpr, CDT: tl.constexpr, INT64: tl.constexpr,
 ):
     """dQ rows [pid_q * BLOCK_Q, +BLOCK_Q) of batch pid_b, over all keys (M = 0: dQ = 0).
 
-    grid = (cdiv(N, BLOCK_Q), B).  COMPUTE_DELTA (current generation): the
-    program also computes D = rowsum(dO * O) of its rows from the dO tile it
-    holds anyway and stores it for the dK/dV kernel, launched after it; the
-    separate preprocessing kernel (previous generation) is not needed.
+    grid = (cdiv(N, BLOCK_Q), B).  The program also computes D = rowsum(dO * O)
+    of its rows from the dO tile it holds anyway and stores it for the dK/dV
+    kernel, launched after it.
     """
     MASK_D: tl.constexpr = D < BLOCK_D
     MASK_DV: tl.constexpr = DV < BLOCK_DV
@@ -468,13 +437,10 @@ def _nla_bwd_dq_kernel(
                     q_ok, dv_ok, True, MASK_DV)
     # Masked query rows: lse2 = +inf -> p = 0 (their dQ rows are not stored anyway).
     lse2 = _lse_log2(lse_ptr + pid_b * stride_lb + offs_q * stride_ln, q_ok, True, CDT)
-    if COMPUTE_DELTA:
-        o = _load_tile(o_ptr + pid_b * stride_ob + offs_q[:, None] * stride_on + offs_dv[None, :] * stride_od,
-                       q_ok, dv_ok, True, MASK_DV)
-        delta = tl.sum(o.to(CDT) * do.to(CDT), 1)
-        tl.store(delta_ptr + pid_b * N + offs_q, delta, mask=q_ok)
-    else:
-        delta = _load_rows(delta_ptr + pid_b * N + offs_q, q_ok, True, CDT)
+    o = _load_tile(o_ptr + pid_b * stride_ob + offs_q[:, None] * stride_on + offs_dv[None, :] * stride_od,
+                   q_ok, dv_ok, True, MASK_DV)
+    delta = tl.sum(o.to(CDT) * do.to(CDT), 1)
+    tl.store(delta_ptr + pid_b * N + offs_q, delta, mask=q_ok)
     k_base = k_ptr + pid_b * stride_kb
     v_base = v_ptr + pid_b * stride_vb
 
@@ -495,13 +461,13 @@ def _nla_bwd_dq_kernel(
                 dq * scale, q_ok, d_ok, MASK_D)
 
 
-# ---- autotuned entry points (CUDA, current generation)
+# ---- autotuned entry points (CUDA)
 #
 # Candidate blocks for head dims up to 64 (MEGAN: 32), fp16/bf16 and fp32 (exact
 # or TF32 products) alike: the autotuner times each on the first call of a new
 # (N, M, D, DV, IEEE, dtype) and keeps the fastest.  Each list holds the
-# previous generation's hand-picked blocks; at d = 32 none of the fp16/bf16
-# tiles spills registers for sm_90 (benchmarks/sm90_compile.py).  Warm up outside timed and captured
+# hand-picked blocks measured on an H100 (docs/PERFORMANCE.md); at d = 32 none of the fp16/bf16
+# tiles spills registers for sm_90 (python -m megan_fast.triton.sm90_compile).  Warm up outside timed and captured
 # regions: the first call of a new size benchmarks every config.
 _TUNE_KEY = ["N", "M", "D", "DV", "IEEE"]
 # Exact fp32 products (Triton's IEEE fp32 dot) need far more registers than
@@ -529,7 +495,7 @@ _nla_fwd_tuned = _tune([
     (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 32, 4, 2), (64, 128, 4, 2),
     (32, 32, 4, 2), (32, 16, 4, 2), (16, 32, 4, 2),
 ])(_nla_fwd_kernel)
-_nla_bwd_dq_delta_tuned = _tune([
+_nla_bwd_dq_tuned = _tune([
     (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2),
     (32, 16, 4, 2), (16, 32, 4, 2),
 ])(_nla_bwd_dq_kernel)
@@ -539,8 +505,9 @@ _nla_bwd_dkdv_tuned = _tune([
 ])(_nla_bwd_dkdv_kernel)
 
 
-def _tuned(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cuda" and dtype != torch.float64 and kernel_generation() == "current"
+def _tuned(device: torch.device, d_block: int) -> bool:
+    """Whether the autotuned entry points run: on CUDA, for padded head dims up to 64 (the lists' range)."""
+    return device.type == "cuda" and d_block <= 64
 
 
 # =============================================================================
@@ -571,14 +538,6 @@ def _split_f32(x: float) -> tuple[float, float]:
     return hi, lo
 
 
-def _compute_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _head_block(d: int) -> int:
     """Padded head dim: next power of two, at least 16 (the smallest tl.dot extent)."""
     return max(16, triton.next_power_of_2(max(d, 1)))
@@ -586,11 +545,10 @@ def _head_block(d: int) -> int:
 
 # Fixed block configurations.  CPU (interpreter): tiny tiles, so that the small
 # test problems span several blocks (online-softmax rescaling, tails) and numpy
-# temporaries stay small.  CUDA: the previous generation's blocks, chosen for
-# MEGAN's head dim 32 and measured on an H100 (docs/PERFORMANCE.md, "Kernels vs
-# their peers"), also used by the current generation for head dims above 64
-# (the autotuned lists above are for d <= 64).  float64 runs on CPU only (the
-# public op refuses it on GPUs).
+# temporaries stay small.  CUDA: the blocks measured on an H100 for MEGAN's head
+# dim 32 (docs/PERFORMANCE.md, "Kernels vs their peers"), for head dims above 64
+# (the autotuned lists above cover d <= 64).  The launchers refuse float64 on a
+# GPU (megan_fast/triton/_utils.runnable): no GPU block is sized for it.
 _CPU_CFG = dict(BLOCK_Q=16, BLOCK_KV=16, num_warps=4, num_stages=1)
 
 
@@ -606,28 +564,20 @@ def _fill(rows: int, block: int, b: int, device: torch.device) -> int:
 def _fwd_config(device: torch.device, dtype: torch.dtype, bd: int, bdv: int, b: int, n: int) -> dict:
     if device.type != "cuda":
         return dict(_CPU_CFG)
-    if dtype == torch.float32:
+    if dtype == torch.float32:  # exact fp32 products need small tiles
         return dict(BLOCK_Q=64, BLOCK_KV=32, num_warps=4, num_stages=2)
-    if max(bd, bdv) <= 64:
-        return dict(BLOCK_Q=_fill(n, 128, b, device), BLOCK_KV=64, num_warps=4, num_stages=3)
     if max(bd, bdv) <= 128:
         return dict(BLOCK_Q=_fill(n, 128, b, device), BLOCK_KV=64, num_warps=8, num_stages=2)
     return dict(BLOCK_Q=64, BLOCK_KV=32, num_warps=8, num_stages=2)
 
 
-def _bwd_config(device: torch.device, dtype: torch.dtype, bd: int, bdv: int, b: int, n: int, m: int) -> dict:
+def _bwd_config(device: torch.device, dtype: torch.dtype, bd: int, bdv: int) -> dict:
     """Blocks of both backward kernels: dkdv owns BLOCK_KV keys and loops over
     BLOCK_Q queries; dq the other way round (its own BLOCK_Q_DQ / BLOCK_KV_DQ)."""
     if device.type != "cuda":
-        return dict(_CPU_CFG, BLOCK_Q_DQ=16, BLOCK_KV_DQ=16, BLOCK_PRE=16)
-    if dtype == torch.float32:
-        return dict(BLOCK_Q=32, BLOCK_KV=64, BLOCK_Q_DQ=64, BLOCK_KV_DQ=32, BLOCK_PRE=128,
-                    num_warps=4, num_stages=2)
-    if max(bd, bdv) <= 64:
-        return dict(BLOCK_Q=64, BLOCK_KV=_fill(m, 128, b, device), BLOCK_Q_DQ=_fill(n, 128, b, device),
-                    BLOCK_KV_DQ=64, BLOCK_PRE=128, num_warps=8, num_stages=2)
-    return dict(BLOCK_Q=32, BLOCK_KV=64, BLOCK_Q_DQ=64, BLOCK_KV_DQ=32, BLOCK_PRE=128,
-                num_warps=8 if max(bd, bdv) > 128 else 4, num_stages=2)
+        return dict(_CPU_CFG, BLOCK_Q_DQ=16, BLOCK_KV_DQ=16)
+    wide = dtype != torch.float32 and max(bd, bdv) > 128
+    return dict(BLOCK_Q=32, BLOCK_KV=64, BLOCK_Q_DQ=64, BLOCK_KV_DQ=32, num_warps=8 if wide else 4, num_stages=2)
 
 
 def nonlocal_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -640,7 +590,8 @@ def nonlocal_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) ->
     m, dv = k.shape[1], v.shape[2]
     device, dtype = q.device, q.dtype
     out = q.new_empty(b, n, dv)
-    lse = q.new_empty(b, n, dtype=_acc_dtype(dtype))
+    prec = precision(dtype, device)
+    lse = q.new_empty(b, n, dtype=prec.accumulate)
     if b == 0 or n == 0:
         return out, lse
     bd, bdv = _head_block(d), _head_block(dv)
@@ -650,9 +601,9 @@ def nonlocal_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) ->
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         qk_hi, qk_lo,
     )
-    meta = dict(D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, IEEE=exact_products(dtype, device), CDT=_compute_dtype(dtype),
+    meta = dict(D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, IEEE=prec.ieee, CDT=prec.compute,
                 INT64=strided_needs_int64(q, k, v, out))
-    if _tuned(device, dtype) and max(bd, bdv) <= 64:
+    if _tuned(device, max(bd, bdv)):
         grid = lambda cfg: (triton.cdiv(n, cfg["BLOCK_Q"]), b)  # noqa: E731
         launch(_nla_fwd_tuned, grid, args, meta, "nonlocal_attention", dtype, device)
         return out, lse
@@ -683,49 +634,30 @@ def nonlocal_attention_backward(
     if grad_out.dtype != dtype:
         grad_out = grad_out.to(dtype)
     bd, bdv = _head_block(d), _head_block(dv)
-    cdt = _compute_dtype(dtype)
+    prec = precision(dtype, device)
     int64 = strided_needs_int64(q, k, v, grad_out, out)
     qk_hi, qk_lo = _split_f32(float(scale) * _LOG2E)
     s_hi, s_lo = _split_f32(float(scale))
-    common = dict(D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, IEEE=exact_products(dtype, device), CDT=cdt, INT64=int64)
-    delta = torch.empty(b, n, dtype=_acc_dtype(dtype), device=device)
+    common = dict(D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, IEEE=prec.ieee, CDT=prec.compute, INT64=int64)
+    delta = torch.empty(b, n, dtype=prec.accumulate, device=device)
     head = (q, k, v, grad_out, lse, delta)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride())
     dkdv_args = (*head, grad_k, grad_v, n, m, *strides, *grad_k.stride(), *grad_v.stride(), qk_hi, qk_lo, s_hi, s_lo)
     dq_args = (*head, grad_q, out, n, m, *strides, *grad_q.stride(), *out.stride(), qk_hi, qk_lo, s_hi, s_lo)
 
-    if _tuned(device, dtype) and max(bd, bdv) <= 64:
-        # dQ first: it also writes D = rowsum(dO * O), which the dK / dV kernel reads.
-        launch(_nla_bwd_dq_delta_tuned, lambda cfg: (triton.cdiv(n, cfg["BLOCK_Q"]), b), dq_args,
-               dict(common, COMPUTE_DELTA=True), "nonlocal_attention", dtype, device)
+    # dQ first: it also writes D = rowsum(dO * O), which the dK / dV kernel reads.
+    if _tuned(device, max(bd, bdv)):
+        launch(_nla_bwd_dq_tuned, lambda cfg: (triton.cdiv(n, cfg["BLOCK_Q"]), b), dq_args, common,
+               "nonlocal_attention", dtype, device)
         if m > 0:
             launch(_nla_bwd_dkdv_tuned, lambda cfg: (triton.cdiv(m, cfg["BLOCK_KV"]), b), dkdv_args, common,
                    "nonlocal_attention", dtype, device)
         return grad_q, grad_k, grad_v
-
-    cfg = _bwd_config(device, dtype, bd, bdv, b, n, m)
+    cfg = _bwd_config(device, dtype, bd, bdv)
     common.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if kernel_generation() == "current":
-        # Interpreter (and head dims above 64): the current kernels with fixed blocks.
-        launch(_nla_bwd_dq_kernel, (triton.cdiv(n, cfg["BLOCK_Q_DQ"]), b), dq_args,
-               dict(common, BLOCK_Q=cfg["BLOCK_Q_DQ"], BLOCK_KV=cfg["BLOCK_KV_DQ"], COMPUTE_DELTA=True),
-               "nonlocal_attention", dtype, device)
-        if m > 0:
-            launch(_nla_bwd_dkdv_kernel, (triton.cdiv(m, cfg["BLOCK_KV"]), b), dkdv_args,
-                   dict(common, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_KV=cfg["BLOCK_KV"]), "nonlocal_attention", dtype, device)
-        return grad_q, grad_k, grad_v
-
-    # ---- previous generation: D = rowsum(dO * O) by its own kernel, then dK / dV, then dQ
-    launch(
-        _nla_bwd_preprocess_kernel, (triton.cdiv(n, cfg["BLOCK_PRE"]), b),
-        (out, grad_out, delta, n, *out.stride(), *grad_out.stride()),
-        dict(DV=dv, BLOCK_Q=cfg["BLOCK_PRE"], BLOCK_DV=bdv, CDT=cdt, INT64=int64, num_warps=4),
-        "nonlocal_attention", dtype, device,
-    )
+    launch(_nla_bwd_dq_kernel, (triton.cdiv(n, cfg["BLOCK_Q_DQ"]), b), dq_args,
+           dict(common, BLOCK_Q=cfg["BLOCK_Q_DQ"], BLOCK_KV=cfg["BLOCK_KV_DQ"]), "nonlocal_attention", dtype, device)
     if m > 0:
         launch(_nla_bwd_dkdv_kernel, (triton.cdiv(m, cfg["BLOCK_KV"]), b), dkdv_args,
                dict(common, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_KV=cfg["BLOCK_KV"]), "nonlocal_attention", dtype, device)
-    launch(_nla_bwd_dq_kernel, (triton.cdiv(n, cfg["BLOCK_Q_DQ"]), b), dq_args,
-           dict(common, BLOCK_Q=cfg["BLOCK_Q_DQ"], BLOCK_KV=cfg["BLOCK_KV_DQ"], COMPUTE_DELTA=False),
-           "nonlocal_attention", dtype, device)
     return grad_q, grad_k, grad_v

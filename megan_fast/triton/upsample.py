@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megan_fast.triton._utils import expect, launch, numel_needs_int64, runnable
+from megan_fast.triton._utils import expect, launch, numel_needs_int64, precision, runnable
 
 BLOCK = 1024
 
@@ -98,7 +98,7 @@ def _run(kernel, src: Tensor, dst: Tensor, h: int, w: int, scale: float) -> Tens
     big = dst if dst.numel() > src.numel() else src
     # float64 (the interpreter's tests) computes in float64; the scale argument is a float32 scalar (1 and 2, the
     # scales MEGAN uses, are exact).
-    meta = dict(CDT=tl.float64 if src.dtype == torch.float64 else tl.float32, INT64=numel_needs_int64(big),
+    meta = dict(CDT=precision(src.dtype, src.device).compute, INT64=numel_needs_int64(big),
                 BLOCK=BLOCK)
     total = dst.numel()
     launch(kernel, (triton.cdiv(total, BLOCK),), (src, dst, total, h, w, float(scale)), meta,

@@ -1,10 +1,13 @@
 """Compiles the Triton kernels for a Hopper GPU (sm_90) on a machine without one, and reports per
 config the registers, spills and shared memory that ptxas assigns.
 
-    python benchmarks/sm90_compile.py                 # every autotuned config of every tuned kernel
-    python benchmarks/sm90_compile.py --arch 100      # another compute capability
-    python benchmarks/sm90_compile.py --first --dtype float16   # the first config of each, one dtype
+    python -m megan_fast.triton.sm90_compile                 # every autotuned config of every tuned kernel
+    python -m megan_fast.triton.sm90_compile --arch 100      # another compute capability
+    python -m megan_fast.triton.sm90_compile --first --dtype float16   # the first config of each, one dtype
 
+A developer's check of the config lists (tests/test_sm90_compile.py runs it in
+a process of its own: the test process runs Triton under its interpreter,
+which replaces the compiler).
 Needs no GPU: Triton lowers to PTX and its bundled ptxas assembles it.  A config that spills
 registers is slow on any GPU, one that needs more than 227 KiB of shared memory does not launch
 on an H100/H200; the autotuned config lists (megan_fast/triton/) keep neither.  Shapes: MEGAN's
@@ -104,7 +107,7 @@ def _attention_cases(dtypes=DTYPES):
     from megan_fast.triton import nonlocal_attention as tna
 
     for dtype in dtypes:
-        for name, kernel in (("attention dq (+delta)", tna._nla_bwd_dq_delta_tuned),
+        for name, kernel in (("attention dq (computes D)", tna._nla_bwd_dq_tuned),
                              ("attention dkdv", tna._nla_bwd_dkdv_tuned),
                              ("attention forward", tna._nla_fwd_tuned)):
             fn = _jit_fn(kernel)
