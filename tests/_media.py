@@ -15,17 +15,12 @@ import zlib
 import numpy as np
 import torch
 
-SMALL = dict(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1, num_pfrdb=1, nonlocal_inner=4,
-             graph_hidden=4, tau=2)
+from _models import TINY_MEGAN as SMALL, save_tiny_model  # noqa: E402  (the one home of the tiny sizes)
 
 
 def save_small_model(path, **overrides) -> str:
     """A tiny random MEGAN saved at ``path``; ``global_skip=True`` makes its output exactly bicubic + blending."""
-    from megan_fast.models import MEGAN
-
-    torch.manual_seed(0)
-    MEGAN(**dict(SMALL, **overrides)).save_pretrained(path)
-    return str(path)
+    return save_tiny_model(path, "megan", **overrides)
 
 
 def make_video(path, frames=6, w=16, h=12, fps=10, audio=True, times=None, rotation=None, options=None,

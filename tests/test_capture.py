@@ -15,11 +15,11 @@ from torch.utils._pytree import tree_leaves
 
 from megan_fast.models import MEGAN
 from megan_fast.models.blocks import DeformableConvLSTM
+from _models import TINY_MEGAN, TINY_SIZES
 from megan_fast.models.blocks import LMGA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(num_input_frames=3, nf=8, deformable_groups=2, front_blocks=1, back_blocks=1, num_pfrdb=1,
-            nonlocal_inner=4, graph_hidden=4, tau=2)
+TINY = dict(TINY_MEGAN, num_input_frames=3)
 
 
 def randomise(module: torch.nn.Module, std: float = 0.1) -> None:
@@ -190,7 +190,7 @@ def test_no_host_sync_in_tmnet_at_several_times():
     from megan_fast.models import MEGANConfig
 
     with torch.device("meta"):
-        model = MEGAN(MEGANConfig.tmnet(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1))
+        model = MEGAN(MEGANConfig.tmnet(**TINY_SIZES))
         x = torch.rand(1, 3, 3, 8, 8)
     watch = HostWatch()
     with watch:

@@ -19,8 +19,7 @@ from megan_fast.cli import demo  # noqa: E402
 from megan_fast.cli.main import main  # noqa: E402
 from megan_fast.models import MEGAN  # noqa: E402
 
-SMALL = dict(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1, num_pfrdb=1, nonlocal_inner=4,
-             graph_hidden=4, tau=2)
+from _models import TINY_MEGAN as SMALL  # noqa: E402
 H, W = 32, 48  # GT size of most tests (LR 8x12)
 
 

@@ -19,8 +19,7 @@ from megan_fast.training import ConfigError, build_dataset, load_config, train  
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "megan_demo.yaml")
 DEMO_CHECKPOINT = os.path.join(ROOT, "megan_fast", "checkpoints", "demo")
-TINY = dict(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1, num_pfrdb=1, nonlocal_inner=4,
-            graph_hidden=4, tau=2)
+from _models import TINY_MEGAN as TINY  # noqa: E402
 
 
 # --------------------------------------------------------------------------- PhotoClips

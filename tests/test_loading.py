@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from _media import grey_frames
+from _models import TINY_SIZES
 from _official import official_state_dict
 from megan_fast.cli.main import main
 from megan_fast.errors import CheckpointError
@@ -114,7 +115,7 @@ def test_expanded_views_are_refused_before_anything_is_built(tmp_path, monkeypat
 
 def test_a_config_wider_than_its_weights_is_refused_from_the_header(tmp_path, monkeypatch):
     folder = tmp_path / "m"
-    MEGAN(MEGANConfig.zooming_slowmo(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)).save_pretrained(folder)
+    MEGAN(MEGANConfig.zooming_slowmo(**TINY_SIZES)).save_pretrained(folder)
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "nf": 1024}))  # 1024-wide: gigabytes if built
     real_init = megan_module.MEGAN.__init__
@@ -133,7 +134,7 @@ def test_a_config_wider_than_its_weights_is_refused_from_the_header(tmp_path, mo
 
 def test_a_model_larger_than_the_available_memory_is_refused(tmp_path, monkeypatch):
     folder = tmp_path / "m"
-    MEGAN(MEGANConfig.zooming_slowmo(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)).save_pretrained(folder)
+    MEGAN(MEGANConfig.zooming_slowmo(**TINY_SIZES)).save_pretrained(folder)
     torch.save(official_state_dict(nf=64, front=1, back=1, groups=8), tmp_path / "z.pth")
     monkeypatch.setattr(loading_module, "available_memory", lambda: 1000)
     for path in (folder, tmp_path / "z.pth"):
@@ -200,7 +201,7 @@ def test_create_model_by_name_and_pretrained_through_the_one_loader(tmp_path):
     from megan_fast.models import create_model, list_models
 
     assert list_models() == ["megan", "tmnet", "zooming_slowmo"] and list_models("*mo*") == ["zooming_slowmo"]
-    tiny = dict(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)
+    tiny = TINY_SIZES
     model = create_model("tmnet", **tiny)
     assert model.training and model.config == MEGANConfig.tmnet(**tiny)
     model.save_pretrained(tmp_path / "tm")
@@ -228,8 +229,7 @@ def test_torch_hub_loads_the_models_from_the_repository(tmp_path):
     import os
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    model = torch.hub.load(repo, "tmnet", source="local", nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)
-    assert model.config == MEGANConfig.tmnet(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)
-    zsm = torch.hub.load(repo, "zooming_slowmo", source="local", nf=8, deformable_groups=2, front_blocks=1,
-                         back_blocks=1)
+    model = torch.hub.load(repo, "tmnet", source="local", **TINY_SIZES)
+    assert model.config == MEGANConfig.tmnet(**TINY_SIZES)
+    zsm = torch.hub.load(repo, "zooming_slowmo", source="local", **TINY_SIZES)
     assert zsm.config.family_name == "Zooming Slow-Mo"

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from _models import TINY_MEGAN, TINY_SIZES
 from _official import assert_native_equals_reference, official_forward, official_shapes, official_state_dict
 from megan_fast.cli.main import main
 from megan_fast.errors import CheckpointError
@@ -22,7 +23,7 @@ from megan_fast.models.official import official_names
 torchvision = pytest.importorskip("torchvision")
 
 SMALL = dict(nf=64, front=2, back=1, groups=8, tmnet=True)  # TMNet's added layers are 64 wide for any nf
-TINY = dict(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)
+TINY = TINY_SIZES
 
 
 def rel_l2(a, b) -> float:
@@ -387,8 +388,7 @@ def test_two_and_three_frame_clips_are_one_window_for_zooming_slowmo_and_tmnet(t
             out = upscale_frames(model, x, rate=rate)
             times = None if rate == 2 else [i / rate for i in range(1, rate)]
             torch.testing.assert_close(out, bicubic_blend(x.unsqueeze(0), times)[0], rtol=0, atol=1e-6)
-    megan = MEGAN(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1, num_pfrdb=1, nonlocal_inner=4,
-                  graph_hidden=4, tau=2).eval()
+    megan = MEGAN(**TINY_MEGAN).eval()
     with pytest.raises(ValueError, match=r"the clip has 3 frames; MEGAN takes windows of exactly 4 input frames .* "
                                          r"Zooming Slow-Mo and TMNet take clips of 2 frames or more"):
         upscale_frames(megan, torch.rand(3, 3, 4, 4))

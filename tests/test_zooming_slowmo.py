@@ -13,6 +13,7 @@ import pickle
 import pytest
 import torch
 
+from _models import TINY_MEGAN, TINY_SIZES
 from _official import assert_native_equals_reference, official_forward, official_shapes, official_state_dict
 from megan_fast.cli.main import main
 from megan_fast.errors import CheckpointError
@@ -33,7 +34,7 @@ def save_official(path, prefix="", **sizes) -> str:
 def tiny_folder_with_config_edit(tmp_path, old: str, new: str) -> str:
     """A tiny Zooming Slow-Mo model folder of ours whose config.json has ``old`` replaced by ``new``."""
     folder = tmp_path / "zsm"
-    MEGAN(MEGANConfig.zooming_slowmo(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1)).save_pretrained(folder)
+    MEGAN(MEGANConfig.zooming_slowmo(**TINY_SIZES)).save_pretrained(folder)
     cfg = folder / "config.json"
     assert old in cfg.read_text()
     cfg.write_text(cfg.read_text().replace(old, new))
@@ -157,7 +158,7 @@ def test_truncated_empty_and_non_dict_files(tmp_path):
 
 
 def test_a_megan_checkpoint_is_not_taken_for_the_other_architecture(tmp_path):
-    torch.save(MEGAN(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1, num_pfrdb=1).state_dict(),
+    torch.save(MEGAN(**TINY_SIZES, num_pfrdb=1).state_dict(),
                tmp_path / "megan.pth")
     with pytest.raises(CheckpointError, match="own names without its config.json"):
         load_model(tmp_path / "megan.pth")
@@ -193,8 +194,7 @@ def test_upscale_eval_and_demo_take_the_pth_directly(tmp_path, capsys):
 @pytest.mark.parametrize("switch", [dict(nonlocal_blocks=False), dict(lmga=False), dict(num_pfrdb=0)])
 def test_each_switch_native_equals_reference(switch):
     torch.manual_seed(0)
-    model = MEGAN(**{**dict(num_input_frames=3, nf=8, deformable_groups=2, front_blocks=1, back_blocks=1, num_pfrdb=1,
-                            nonlocal_inner=4, graph_hidden=4, tau=2), **switch}).double()
+    model = MEGAN(**{**TINY_MEGAN, "num_input_frames": 3, **switch}).double()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
