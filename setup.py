@@ -43,6 +43,7 @@ setup(
     install_requires=["torch>=2.6", "torchvision", "numpy", "safetensors", "pillow", "pyyaml", "tqdm", "av"],
     extras_require={
         "triton": ["triton"],
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],  # megan-fast export, and running its files
         "test": ["pytest", "pytest-benchmark", "expecttest"],
     },
     ext_modules=extensions(),

@@ -60,7 +60,7 @@ def clip_window(model: MEGAN, num_frames: int) -> int:
     if num_frames < 2:
         raise TooShortError(f"the clip has {num_frames} frame{'s' if num_frames != 1 else ''}; at least 2 are needed "
                             "(new frames are made between two inputs)")
-    if cfg.any_num_frames:
+    if cfg.any_num_frames and not hasattr(model, "frames_in"):  # an exported file fixes its window
         return num_frames
     raise TooShortError(f"the clip has {num_frames} frames; {cfg.family_name} takes windows of exactly {n_in} input "
                         "frames (its progressive fusion is sized for them), so it needs at least "
@@ -124,7 +124,11 @@ def check_rate(model: MEGAN, rate: int, what: str = "rate") -> list[float] | Non
     if rate != 2 and not model.config.any_times:
         raise ValueError(f"{what} {rate} needs a model that makes frames at any time (TMNet); this "
                          f"{model.config.family_name} model makes only the halfway frame (rate 2)")
-    return rate_times(rate)
+    times = rate_times(rate)
+    cannot = model.can_make(times) if hasattr(model, "can_make") else None  # an exported file fixes its times
+    if cannot:
+        raise ValueError(f"{what} {rate}: {cannot}")
+    return times
 
 
 def run_window(model: MEGAN, window: Tensor, tile: int | None = None, tile_overlap: int | None = None,

@@ -90,6 +90,11 @@ def is_ours(path: str, commands: tuple[str, ...] | None = None) -> bool:
             with open(path, encoding="utf-8") as f:
                 first = f.readline()
             return first.startswith("# ") and _marked(first[2:].strip().split(":")[0], commands)
+        if ext == ".onnx":
+            import onnx
+
+            meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+            return _marked(meta.get("written_by"), commands)
         if ext in VIDEO_EXTENSIONS:
             import av
 

@@ -122,19 +122,43 @@ def compute_dtype(device, name: str):
     return dtype
 
 
-CHECKPOINT_HELP = ("model folder (config.json + model.safetensors) or an official Zooming Slow-Mo or TMNet .pth file "
-                   "(read with weights_only=True)")
+CHECKPOINT_HELP = ("model folder (config.json + model.safetensors), an official Zooming Slow-Mo or TMNet .pth file "
+                   "(read with weights_only=True), or an ONNX file of megan-fast export (run by ONNX Runtime)")
 
 
-def load_model(checkpoint: str, device, arg: str = "--checkpoint"):
+def add_providers_argument(p: argparse.ArgumentParser) -> None:
+    """``--providers`` (upscale, eval): ONNX Runtime's execution providers for an ONNX ``--checkpoint``."""
+    p.add_argument("--providers", default=None, type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+                   help="with an ONNX --checkpoint: ONNX Runtime execution providers in order, comma-separated "
+                   "(default: TensorRT and CUDA when this build has them, then CPU)")
+
+
+def is_onnx(checkpoint: str | None) -> bool:
+    """Whether a ``--checkpoint`` names an ONNX file (run by ONNX Runtime, not PyTorch)."""
+    return bool(checkpoint) and checkpoint.lower().endswith(".onnx")
+
+
+def load_model(checkpoint: str, device, arg: str = "--checkpoint", providers=None, onnx: bool = False):
     """The model of a checkpoint folder or official ``.pth`` file (:func:`megan_fast.models.load_model`), on
-    ``device``, in eval mode; errors name the argument and file."""
+    ``device``, in eval mode, or, where the command runs one (``onnx``), of an ONNX file
+    (:func:`megan_fast.export.runtime.load_onnx`, with ``providers``); errors name the argument and file."""
     from megan_fast.errors import CheckpointError
-    from megan_fast.models import load_model as load
 
     if not checkpoint or not checkpoint.strip():
-        raise UsageError(f"{arg} is empty; give a model folder or a .pth file")
+        raise UsageError(f"{arg} is empty; give a model folder, a .pth or an .onnx file")
+    if is_onnx(checkpoint) and not onnx:
+        raise UsageError(f"{arg} {checkpoint!r}: an ONNX file runs in upscale and eval; this command needs the "
+                         "PyTorch model (a model folder or a .pth)")
     try:
+        if is_onnx(checkpoint):
+            from megan_fast.export.runtime import load_onnx
+
+            return load_onnx(checkpoint, providers)
+        if providers:
+            raise UsageError("--providers applies to an ONNX --checkpoint (megan-fast export); this one runs in "
+                             "PyTorch")
+        from megan_fast.models import load_model as load
+
         return load(checkpoint, map_location=device)
     except CheckpointError as exc:
         raise type(exc)(f"{arg}: {exc}") from None
@@ -143,6 +167,16 @@ def load_model(checkpoint: str, device, arg: str = "--checkpoint"):
 def finite_float(text: str) -> float:
     """argparse type: any finite number."""
     return _number(text, float, -math.inf, False, "a finite number")
+
+
+def frame_size(text: str) -> tuple[int, int]:
+    """argparse type: a frame size ``HxW`` in pixels, e.g. ``144x176``."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise argparse.ArgumentTypeError(f"expected HxW (height x width in pixels), e.g. 144x176, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
 
 
 def frame_rate(text: str) -> float:

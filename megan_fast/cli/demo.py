@@ -80,10 +80,7 @@ def add_parser(sub) -> None:
 
 
 def _parse_size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 128x192, got {text!r}")
-    h, w = int(m.group(1)), int(m.group(2))
+    h, w = _common.frame_size(text)
     if h % 4 or w % 4 or h < 16 or w < 16:
         raise argparse.ArgumentTypeError(f"H and W must be multiples of 4 and at least 16 (LR 4x4), got {h}x{w}")
     return h, w

@@ -1,4 +1,5 @@
-"""``megan-fast`` console script: ``info``, ``bench``, ``demo``, ``train``, ``eval``, ``upscale``.
+"""``megan-fast`` console script: ``info``, ``bench``, ``demo``, ``train``, ``eval``, ``upscale``, ``convert``,
+``export``.
 
 Every command runs inside :func:`main`, which turns what the user can cause
 into one line on stderr and an exit status, never a traceback:
@@ -100,12 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int_at_least(0), default=0, help="torch CPU threads (default: torch's)")
     p.add_argument("--min-time", type=positive_float, default=1.0, help="seconds of timing per measurement")
     p.set_defaults(func=_cmd_bench)
-    from megan_fast.cli import convert, demo, train_eval, upscale
+    from megan_fast.cli import convert, demo, export, train_eval, upscale
 
     demo.add_parser(sub)
     train_eval.add_parsers(sub)
     upscale.add_parser(sub)
     convert.add_parser(sub)
+    export.add_parser(sub)
     return parser
 
 

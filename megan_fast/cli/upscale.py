@@ -51,6 +51,7 @@ def add_parser(sub) -> None:
                    help="torch.compile the model (reduce-overhead: CUDA graphs on a GPU); every forward has one "
                    "shape, so it compiles once (minutes on a CPU) (default none)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    _common.add_providers_argument(p)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype on CUDA devices: bfloat16/float16 use autocast (a CPU runs float32)")
     _common.add_rate_argument(p, "output frame rate / input frame rate")
@@ -84,7 +85,13 @@ def run(args: argparse.Namespace) -> int:
     out = outputs.check_output(args.output, "OUTPUT", VIDEO_KIND if fmt else FRAMES_KIND,
                                inputs=[("INPUT", src), ("--checkpoint", checkpoint)], overwrite=args.overwrite)
     overlap = _common.tile_overlap(args)
-    device = resolve_device(args.device)
+    if _common.is_onnx(checkpoint):  # ONNX Runtime runs the file: its providers pick the device
+        for option, value, default in (("--device", args.device, None), ("--dtype", args.dtype, "float32"),
+                                       ("--compile", args.compile, "none")):
+            if value != default:
+                raise UsageError(f"{option} applies to PyTorch models; an ONNX --checkpoint runs on its "
+                                 "--providers, in the dtype it was exported in")
+    device = resolve_device("cpu" if _common.is_onnx(checkpoint) else args.device)
     dtype = compute_dtype(device, args.dtype)
     try:
         check_rate_value(args.rate, "--rate")  # before probing the input; the model is asked once loaded
@@ -97,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                          f"the millisecond that {fmt} stores; write .mp4 or .mov")
     if fmt:
         video.check_video_output(args.output, out_w, out_h, src if info.has_audio else None)
-    model = _common.load_model(checkpoint, device)
+    model = _common.load_model(checkpoint, device, providers=args.providers, onnx=True)
     try:
         check_rate(model, args.rate, "--rate")
     except ValueError as exc:

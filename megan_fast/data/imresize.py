@@ -36,6 +36,7 @@ import functools
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,25 +54,38 @@ def cubic_kernel(x: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _resize_matrix_cpu(in_len: int, out_len: int, scale: float, antialiasing: bool) -> Tensor:
+def _resize_matrix(in_len: int, out_len: int, scale: float, antialiasing: bool) -> np.ndarray:
+    """The float64 matrix of :func:`resize_matrix`, cached as a numpy array: no tensor is kept between calls (a
+    cached tensor made while tracing, ``torch.export``'s fake tensors, would leak into later calls)."""
     support = 4.0
     widen = antialiasing and scale < 1
     if widen:
         support = 4.0 / scale
-    centre = (torch.arange(out_len, dtype=torch.float64) + 0.5) / scale - 0.5  # (out,)
+    centre = (np.arange(out_len, dtype=np.float64) + 0.5) / scale - 0.5  # (out,)
     taps = math.ceil(support) + 2
-    first = torch.floor(centre - support / 2)  # (out,)
-    idx = first[:, None] + torch.arange(taps, dtype=torch.float64)[None, :]  # (out, taps)
+    first = np.floor(centre - support / 2)  # (out,)
+    idx = first[:, None] + np.arange(taps, dtype=np.float64)[None, :]  # (out, taps)
     dist = centre[:, None] - idx
-    weights = scale * cubic_kernel(scale * dist) if widen else cubic_kernel(dist)
-    weights = weights / weights.sum(dim=1, keepdim=True)
+    weights = scale * _cubic(scale * dist) if widen else _cubic(dist)
+    weights = weights / weights.sum(axis=1, keepdims=True)
     # Symmetric (half-sample) mirroring: period 2n, the second half reversed.
     period = 2 * in_len
-    m = torch.remainder(idx.long(), period)
-    m = torch.where(m >= in_len, period - 1 - m, m)
-    mat = torch.zeros(out_len, in_len, dtype=torch.float64)
-    mat.scatter_add_(1, m, weights)
+    m = np.remainder(idx.astype(np.int64), period)
+    m = np.where(m >= in_len, period - 1 - m, m)
+    mat = np.zeros((out_len, in_len), dtype=np.float64)
+    np.add.at(mat, (np.arange(out_len)[:, None], m), weights)
+    mat.setflags(write=False)
     return mat
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+    """:func:`cubic_kernel` in numpy (float64), for the cached matrices."""
+    ax = np.abs(x)
+    ax2 = ax * ax
+    ax3 = ax2 * ax
+    near = (1.5 * ax3 - 2.5 * ax2 + 1.0) * (ax <= 1)
+    far = (-0.5 * ax3 + 2.5 * ax2 - 4.0 * ax + 2.0) * ((ax > 1) & (ax <= 2))
+    return near + far
 
 
 def resize_matrix(
@@ -96,8 +110,8 @@ def resize_matrix(
         raise ValueError(f"imresize: lengths must be >= 1, got in_len={in_len}, out_len={out_len}")
     if scale is None:
         scale = out_len / in_len
-    mat = _resize_matrix_cpu(int(in_len), int(out_len), float(scale), bool(antialiasing))
-    return mat.to(dtype=dtype, device=device)
+    mat = _resize_matrix(int(in_len), int(out_len), float(scale), bool(antialiasing))
+    return torch.tensor(mat, dtype=dtype, device=device)
 
 
 def _pair(value, name: str) -> tuple:

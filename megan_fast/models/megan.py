@@ -141,7 +141,7 @@ class MEGAN(nn.Module):
         k, t_values = check_times(times, b, cfg.time_modulation, x)
         pad_h, pad_w = (-h) % 4, (-w) % 4
         frames = x.reshape(b * n, 3, h, w)
-        if pad_h or pad_w:
+        if pad_h or pad_w or torch.compiler.is_exporting():  # an exported graph takes any size: it always pads
             frames = F.pad(frames, (0, pad_w, 0, pad_h), mode="replicate" if cfg.pad_mode == "replicate" else "constant")
         hp, wp = h + pad_h, w + pad_w
         nf = cfg.nf

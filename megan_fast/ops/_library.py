@@ -51,8 +51,13 @@ def autocast_dtype(device_type: str) -> torch.dtype:
 
 
 def check_dtype(fn: str, name: str, t: torch.Tensor, cpu: tuple, gpu: tuple) -> None:
-    """The public ops' dtype table: TypeError naming ``name`` unless its dtype runs on its device type."""
-    allowed = cpu if t.device.type == "cpu" else gpu
+    """The public ops' dtype table: TypeError naming ``name`` unless its dtype runs on its device type.
+
+    Under ``torch.export`` nothing runs (the fake kernels trace shapes): a
+    float16 graph may be traced on the CPU for another runtime (ONNX).
+    """
+    exporting = torch.compiler.is_exporting()
+    allowed = cpu if t.device.type == "cpu" and not exporting else gpu + cpu
     if t.dtype not in allowed:
         raise TypeError(
             f"{fn}: {name} dtype {t.dtype} is not supported on {t.device.type}; expected one of "
