@@ -14,11 +14,13 @@ from typing import Any
 from megan_fast.errors import ConfigError
 
 
-def check_int(where: str, value: Any, lo: int | None = None) -> int:
+def check_int(where: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{where} must be an integer, got {value!r}")
     if lo is not None and value < lo:
         raise ConfigError(f"{where} must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{where} must be <= {hi}, got {value}")
     return value
 
 

@@ -157,6 +157,10 @@ class Kind:
         return None
 
 
+# A model folder (megan-fast convert, a training run's model/): replaced whole, only if every file is a model's.
+MODEL_FOLDER_KIND = Kind("model folder", folder=True, entries=r"config\.json|model\.safetensors", commands=("model",))
+
+
 # --------------------------------------------------------------------------- temporaries, umask, signals
 
 _live: set[str] = set()  # temporaries not yet renamed or removed

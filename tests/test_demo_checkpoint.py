@@ -14,7 +14,8 @@ from megan_fast.data.imresize import imresize  # noqa: E402
 from megan_fast.data.synthetic import PhotoClips, available_photos, main as synthetic_main  # noqa: E402
 from megan_fast.evaluation import bicubic_blend  # noqa: E402
 from megan_fast.models import MEGAN  # noqa: E402
-from megan_fast.training import ConfigError, build_dataset, load_config, train  # noqa: E402
+from megan_fast.errors import ConfigError  # noqa: E402
+from megan_fast.training import build_dataset, load_config, train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "megan_demo.yaml")
@@ -100,8 +101,8 @@ def test_global_skip_does_not_change_the_parameters():
 
 def test_demo_config_loads_and_builds_its_dataset():
     cfg = load_config(DEMO_CONFIG)
-    assert cfg["model"] == {"global_skip": True}
-    ds = build_dataset(cfg["data"]["train"], cfg["seed"], train=True)
+    assert cfg.model == {"global_skip": True}
+    ds = build_dataset(cfg.data.train, cfg.seed, train=True)
     assert isinstance(ds, PhotoClips) and len(ds) == 100000
     held_out = {"chelsea", "coffee"}
     assert held_out.isdisjoint(ds.photos) and set(ds.photos) <= set(available_photos())
@@ -124,12 +125,12 @@ def test_photos_config_errors(tmp_path):
 
 def test_training_on_photo_clips_runs(tmp_path):
     cfg = load_config(DEMO_CONFIG)
-    cfg["model"] = dict(TINY, global_skip=True)
-    cfg["output_dir"] = str(tmp_path / "run")
-    cfg["data"]["train"].update(length=8, crop=8)
-    cfg["data"].update(batch_size=2, num_workers=0)
-    cfg["optim"].update(iterations=2, warmup_iterations=1)
-    cfg["logging"].update(save_every=2)
+    cfg.model = dict(TINY, global_skip=True)
+    cfg.output_dir = str(tmp_path / "run")
+    cfg.data.train.update(length=8, crop=8)
+    cfg.data.batch_size, cfg.data.num_workers = 2, 0
+    cfg.optim.iterations, cfg.optim.warmup_iterations = 2, 1
+    cfg.logging.save_every = 2
     summary = train(cfg, device="cpu", progress=False)
     assert summary.iteration == 2 and summary.last_loss == summary.last_loss  # finite, not NaN
     assert os.path.isfile(tmp_path / "run" / "model" / "model.safetensors")

@@ -24,7 +24,7 @@ def test_one_listing_for_every_reader(tmp_path):
     listed = [os.path.basename(p) for p in list_frames(str(tmp_path))]
     assert listed == ["frame1.png", "frame2.png", "Frame3.JPG", "frame4.tiff", "frame10.png"]
     # The video reader and the datasets list frames with this very function.
-    assert video.list_frames is images.list_frames and datasets.list_frames is images.list_frames
+    assert video.reading.list_frames is images.list_frames and datasets.list_frames is images.list_frames
 
 
 def test_sixteen_bit_grey_is_scaled_not_clamped(tmp_path):
@@ -36,8 +36,8 @@ def test_sixteen_bit_grey_is_scaled_not_clamped(tmp_path):
     assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
 
 
-def test_sixteen_bit_rgb_and_rgba_keep_their_levels(tmp_path):
-    a = (np.arange(12, dtype=np.uint16).reshape(1, 12) * 5000)
+def test_sixteen_bit_rgb_and_rgba_are_read_at_full_precision(tmp_path):
+    a = (np.arange(12, dtype=np.uint16).reshape(1, 12) * 5000 + 77)  # + 77: off the 8-bit grid
     rgb = np.stack([a, 65535 - a, a // 2], -1)
     write_png16(str(tmp_path / "c.png"), rgb)
     write_png16(str(tmp_path / "ca.png"), np.concatenate([rgb, np.full_like(rgb[..., :1], 65535)], -1))
@@ -45,7 +45,17 @@ def test_sixteen_bit_rgb_and_rgba_keep_their_levels(tmp_path):
         x = read_image(str(tmp_path / name))
         assert x.shape == (3, 1, 12)
         torch.testing.assert_close(x.permute(1, 2, 0)[0], torch.tensor(rgb[0] / 65535.0, dtype=torch.float32),
-                                   atol=1 / 255, rtol=0)
+                                   atol=1e-7, rtol=0)
+
+
+def test_sixteen_bit_png_written_and_read_back_exactly(tmp_path):
+    from megan_fast.images import save_png16
+    from megan_fast.outputs import is_ours
+
+    x = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    save_png16(x, str(tmp_path / "o.png"))
+    assert is_ours(str(tmp_path / "o.png"))
+    assert torch.equal(read_image(str(tmp_path / "o.png")), x.mul(65535).round().div(65535))
 
 
 def test_paletted_and_grey_images(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from _media import grey_frames
-from _models import TINY_SIZES
+from _models import TINY_MEGAN, TINY_SIZES
 from _official import official_state_dict
 from megan_fast.cli.main import main
 from megan_fast.errors import CheckpointError
@@ -126,6 +126,11 @@ def test_a_config_wider_than_its_weights_is_refused_from_the_header(tmp_path, mo
         real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(megan_module.MEGAN, "__init__", init)
+    with pytest.raises(CheckpointError, match=r"config.json: the config's residual blocks alone have more parameters "
+                                              r"than model.safetensors holds values"):
+        load_model(folder)
+    assert devices == []  # refused from the header alone
+    (folder / "config.json").write_text(json.dumps({**cfg, "nf": 16}))  # small enough: compared on the meta device
     with pytest.raises(CheckpointError, match=r"model.safetensors: the weights do not fit this model's config "
                                               r"\(config.json\): \d+ tensor\(s\) of another shape"):
         load_model(folder)
@@ -135,9 +140,11 @@ def test_a_config_wider_than_its_weights_is_refused_from_the_header(tmp_path, mo
 def test_a_model_larger_than_the_available_memory_is_refused(tmp_path, monkeypatch):
     folder = tmp_path / "m"
     MEGAN(MEGANConfig.zooming_slowmo(**TINY_SIZES)).save_pretrained(folder)
-    torch.save(official_state_dict(nf=64, front=1, back=1, groups=8), tmp_path / "z.pth")
-    monkeypatch.setattr(loading_module, "available_memory", lambda: 1000)
-    for path in (folder, tmp_path / "z.pth"):
+    state = {k: v.half() for k, v in official_state_dict(nf=64, front=1, back=1, groups=8).items()}
+    torch.save(state, tmp_path / "z.pth")  # float16: the file reads, the float32 model does not fit
+    params = sum(v.numel() for v in state.values())
+    for path, free in ((folder, 1000), (tmp_path / "z.pth", 3 * params)):
+        monkeypatch.setattr(loading_module, "available_memory", lambda free=free: free)
         with pytest.raises(CheckpointError, match=r"the model has [\d,]+ parameters and needs about [\d.]+ GiB to "
                                                   r"load; this machine has 0.0 GiB available"):
             load_model(path)
@@ -233,3 +240,67 @@ def test_torch_hub_loads_the_models_from_the_repository(tmp_path):
     assert model.config == MEGANConfig.tmnet(**TINY_SIZES)
     zsm = torch.hub.load(repo, "zooming_slowmo", source="local", **TINY_SIZES)
     assert zsm.config.family_name == "Zooming Slow-Mo"
+
+
+def test_damaged_compressed_and_oversized_archives_are_refused_before_torch_reads_them(tmp_path):
+    import zipfile
+
+    torch.save(official_state_dict(nf=64, front=1, back=1, groups=8), tmp_path / "z.pth")
+    data = bytearray((tmp_path / "z.pth").read_bytes())
+    with zipfile.ZipFile(tmp_path / "z.pth") as archive:  # flip bytes inside the largest stored tensor
+        member = max(archive.infolist(), key=lambda m: m.file_size)
+        start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    for i in range(start, start + 64, 7):
+        data[i] ^= 0x5A
+    (tmp_path / "flipped.pth").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"flipped.pth: not a readable PyTorch weights file \(CRC mismatch in "):
+        load_model(tmp_path / "flipped.pth")
+    with zipfile.ZipFile(tmp_path / "z.pth") as src, \
+            zipfile.ZipFile(tmp_path / "deflated.pth", "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    with pytest.raises(CheckpointError, match=r"member '.*' is compressed; torch.save stores its members uncompressed"):
+        load_model(tmp_path / "deflated.pth")
+
+
+def test_block_names_on_empty_tensors_do_not_build_a_huge_model(tmp_path):
+    state = official_state_dict(nf=64, front=1, back=1, groups=8)
+    for i in range(1, 3000):  # 3,000 block names on empty tensors: not 3,000 blocks
+        state[f"recon_trunk.{i}.conv1.weight"] = torch.zeros(0)
+    torch.save(state, tmp_path / "many.pth")
+    with pytest.raises(CheckpointError, match=r"not an official Zooming Slow-Mo or TMNet file: .* Zooming Slow-Mo in 2999 "):
+        load_model(tmp_path / "many.pth")
+    folder = tmp_path / "m"
+    MEGAN(MEGANConfig.zooming_slowmo(**TINY_SIZES)).save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    for field, value, words in (("back_blocks", 20000, "more blocks than model.safetensors has tensors"),
+                                ("nf", 10**9, "more parameters than model.safetensors holds values"),
+                                ("memory_seed", 2**64, "memory_seed must be <= ")):
+        (folder / "config.json").write_text(json.dumps({**cfg, field: value}))
+        with pytest.raises(CheckpointError, match=words):
+            load_model(folder)
+    (folder / "config.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(CheckpointError, match="not a readable JSON file"):
+        load_model(folder)
+    megan = tmp_path / "megan"
+    MEGAN(**TINY_MEGAN).save_pretrained(megan)
+    cfg_m = json.loads((megan / "config.json").read_text())
+    (megan / "config.json").write_text(json.dumps({**cfg_m, "nonlocal_inner": 2**70}))  # overflows torch's sizes
+    with pytest.raises(CheckpointError, match="a config this package cannot build"):
+        load_model(megan)
+    # 20,000 blocks beside as many empty tensors: the header has the tensors, not the values
+    from safetensors.torch import save_file
+
+    (folder / "config.json").write_text(json.dumps({**cfg, "back_blocks": 20000}))
+    save_file({f"t{i}": torch.zeros(0) for i in range(80100)}, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="more parameters than model.safetensors holds values"):
+        load_model(folder)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_tensors_a_model_cannot_hold_are_named_before_their_shapes_are_read(tmp_path):
+    state = official_state_dict(nf=64, front=1, back=1, groups=8)
+    state["conv_first.weight"] = torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])
+    torch.save(state, tmp_path / "nested.pth")
+    with pytest.raises(CheckpointError, match="'conv_first.weight' is a nested tensor; expected plain dense weights"):
+        load_model(tmp_path / "nested.pth")

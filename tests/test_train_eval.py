@@ -1,26 +1,38 @@
-"""megan-fast train / eval on tiny real-texture clips: resume, DDP, protocol accounting, errors."""
+"""megan-fast train / eval on tiny real-texture clips: resume, DDP, the Trainer's steps, protocol accounting, errors."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 pytest.importorskip("skimage", reason="scikit-image provides the photos the test clips are made from")
 
 from megan_fast.cli.main import main  # noqa: E402
 from megan_fast.data import synthetic  # noqa: E402
+from megan_fast.errors import ConfigError  # noqa: E402
 from megan_fast.models import MEGAN  # noqa: E402
-from megan_fast.training import ConfigError, load_config, train  # noqa: E402
+from megan_fast.training import Trainer, charbonnier, load_config, train  # noqa: E402
+from _models import TINY_MEGAN as TINY, save_tiny_model  # noqa: E402
 
-TINY = dict(nf=8, deformable_groups=2, front_blocks=1, back_blocks=1, num_pfrdb=1, nonlocal_inner=4,
-            graph_hidden=4, tau=2)
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread per process: the tensors here are tiny, and on a busy 2-core machine two threads that wait for
+    each other make every step many times slower (the results are the same)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +47,22 @@ def vimeo(tmp_path_factory):
     return str(root)
 
 
-def write_config(path, vimeo, out, **optim):
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A model folder of a random tiny MEGAN, for the eval tests."""
+    return save_tiny_model(tmp_path_factory.mktemp("ckpt"))
+
+
+def write_config(path, vimeo, out, model=(), data=(), logging=(), **optim):
+    """Writes the config of a tiny run to ``path``: the TINY network, 2 items of 4x4 LR pixels a batch from the
+    ``vimeo`` clips, validation on its test clip, 3 iterations, a checkpoint after each; the sections updated
+    with ``model``, ``data``, ``logging`` and ``optim`` (``data={"val": None}``: no validation)."""
     cfg = {
-        "name": "tiny", "output_dir": str(out), "seed": 3, "model": TINY,
+        "name": "tiny", "output_dir": str(out), "seed": 3, "model": {**TINY, **dict(model)},
         "data": {"train": {"type": "vimeo90k", "root": vimeo, "crop": 4}, "batch_size": 2, "num_workers": 0,
-                 "val": {"type": "vimeo90k", "root": vimeo, "split": "test"}},
+                 "val": {"type": "vimeo90k", "root": vimeo, "split": "test"}, **dict(data)},
         "optim": dict({"iterations": 3, "lr": 1e-3, "grad_clip": 1.0, "ema_decay": 0.5}, **optim),
-        "logging": {"print_every": 1, "val_every": 3, "save_every": 1, "tensorboard": False},
+        "logging": {"print_every": 1, "val_every": 3, "save_every": 1, "tensorboard": False, **dict(logging)},
     }
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -66,6 +87,52 @@ def test_two_iterations_then_resume_equals_three(tmp_path, vimeo):
     assert r_full.val_psnr is not None and r_full.val_psnr == r_rest.val_psnr
     # A usable model folder is written beside the checkpoints.
     assert MEGAN.from_pretrained(tmp_path / "full" / "model").config.nf == 8
+
+
+class L1Trainer(Trainer):
+    """A subclass as a user writes one: the L1 loss, and a hook that records each step's (iteration, loss)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps: list[tuple[int, float]] = []
+
+    def compute_loss(self, pred, target):
+        return F.l1_loss(pred, target)
+
+    def on_step_end(self, iteration, loss):
+        self.steps.append((iteration, loss.item()))
+
+
+def test_a_trainer_subclass_changes_the_loss_and_resumes_exactly(tmp_path, vimeo):
+    def trainer(name, **kwargs):
+        # A large Charbonnier epsilon: if that loss were used, the losses would be far from L1's.
+        cfg = write_config(tmp_path / f"{name}.yaml", vimeo, tmp_path / name, iterations=2, charbonnier_eps=0.5,
+                           data={"val": None})
+        return L1Trainer(load_config(cfg), device="cpu", progress=False, **kwargs)
+
+    full = trainer("full")
+    full.setup()
+    # The first step's loss, computed here: the run's first batch, the model as set up, the memory frames the
+    # step will draw (the RNG is put back).
+    batch = next(iter(full.batches(0, 0)))
+    rng = torch.get_rng_state()
+    memory = full.model.lmga.draw_memory_indices(full.model.config.num_output_frames)
+    pred = full.model(batch["lq"], memory_indices=memory).float()
+    torch.set_rng_state(rng)
+    result = full.fit()
+    assert [it for it, _ in full.steps] == [1, 2]  # once per iteration
+    assert full.steps[0][1] == F.l1_loss(pred, batch["gt"]).item()
+    assert abs(full.steps[0][1] - charbonnier(pred, batch["gt"], 0.5).item()) > 0.1
+    assert full.steps[-1][1] == result.last_loss  # the loss the run reports
+    first = trainer("split", stop_at=1)
+    first.fit()
+    rest = trainer("split", resume=True)
+    rest.fit()
+    assert first.steps + rest.steps == full.steps  # the same losses, bit for bit
+    a, b = (torch.load(tmp_path / name / "checkpoints" / "iter_2.pt", weights_only=True) for name in ("full", "split"))
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
 
 
 def test_train_command_and_config_errors(tmp_path, vimeo, capsys):
@@ -106,17 +173,15 @@ def test_ddp_two_cpu_processes(tmp_path, vimeo):
     assert ckpt["iteration"] == 2 and len(ckpt["rng"]["torch"]) == 2
 
 
-def test_eval_accounting_and_json(tmp_path, capsys):
+def test_eval_accounting_and_json(tmp_path, tiny_checkpoint, capsys):
     # Folder layout: clips of 7, 9 and 10 frames -> windows [0], [0, 2], [0, 3].
     gt_root = tmp_path / "gt"
     lengths = {"a": 7, "b": 9, "c": 10}
     for name, t in lengths.items():
         synthetic.write_clip_folder(synthetic.make_clip("coffee", t, size=(16, 16), seed=t), str(gt_root / name))
-    torch.manual_seed(0)
-    MEGAN(**TINY).save_pretrained(tmp_path / "ckpt")
     out_json = tmp_path / "scores.json"
     frames_dir = tmp_path / "frames"
-    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(gt_root), "--json", str(out_json),
+    assert main(["eval", "--checkpoint", tiny_checkpoint, "--data", str(gt_root), "--json", str(out_json),
                  "--save-frames", str(frames_dir), "--device", "cpu"]) == 0
     report = json.loads(out_json.read_text())
     assert set(report["clips"]) == set(lengths)
@@ -130,14 +195,12 @@ def test_eval_accounting_and_json(tmp_path, capsys):
     assert set(base["clips"]) == set(lengths) and base["average"]["psnr_y"] > 15
     table = capsys.readouterr().out
     assert "average" in table and "bicubic+blend" in table
-    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "nope")]) == 2
+    assert main(["eval", "--checkpoint", tiny_checkpoint, "--data", str(tmp_path / "nope")]) == 2
 
 
-def test_eval_on_vimeo_layout(tmp_path, vimeo):
-    torch.manual_seed(0)
-    MEGAN(**TINY).save_pretrained(tmp_path / "ckpt")
+def test_eval_on_vimeo_layout(tmp_path, vimeo, tiny_checkpoint):
     out_json = tmp_path / "v.json"
-    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", vimeo, "--split", "test",
+    assert main(["eval", "--checkpoint", tiny_checkpoint, "--data", vimeo, "--split", "test",
                  "--json", str(out_json), "--device", "cpu"]) == 0
     report = json.loads(out_json.read_text())
     assert list(report["clips"]) == ["00001/0001"] and report["clips"]["00001/0001"]["frames"] == 7
@@ -174,7 +237,7 @@ def test_planted_checkpoint_is_not_run(tmp_path, vimeo, capsys):
 
 def test_stray_files_in_the_checkpoint_folder_are_left_alone(tmp_path, vimeo):
     cfg = load_config(write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=3))
-    cfg["logging"]["keep_checkpoints"] = 1
+    cfg.logging.keep_checkpoints = 1
     train(cfg, device="cpu", progress=False, stop_at=1)
     ckpts = tmp_path / "run" / "checkpoints"
     for stray in ("iter_2.pt.tmp-1234", ".megan-fast-abcd.pt", "notes.txt", "iter_x.pt"):
@@ -216,21 +279,18 @@ def test_config_entries_are_typed_and_ranged_at_load(tmp_path):
         with pytest.raises(ConfigError, match=message):
             load_config(str(bad))
     bad.write_text("optim: {lr: 1e-4}\n" + root)  # YAML 1.1 reads this as a string; we read a number
-    assert load_config(str(bad))["optim"]["lr"] == 1e-4
+    assert load_config(str(bad)).optim.lr == 1e-4
 
 
 def test_everything_is_checked_before_anything_is_written(tmp_path, vimeo, capsys):
     # A bad validation set, a missing data folder or a bad output_dir fail at once, and leave nothing.
     cases = [
-        ({"data": {"val": {"type": "folder", "root": str(tmp_path / "missing")}}}, "data.val"),
-        ({"data": {"train": {"type": "vimeo90k", "root": str(tmp_path / "missing"), "crop": 4}}}, "data.train"),
+        ({"val": {"type": "folder", "root": str(tmp_path / "missing")}}, "data.val"),
+        ({"train": {"type": "vimeo90k", "root": str(tmp_path / "missing"), "crop": 4}}, "data.train"),
     ]
-    for change, message in cases:
-        cfg = yaml.safe_load(open(write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run")))
-        for key, value in change["data"].items():
-            cfg["data"][key] = value
-        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-        assert main(["train", "--config", str(tmp_path / "c.yaml"), "--device", "cpu"]) == 2
+    for data, message in cases:
+        cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", data=data)
+        assert main(["train", "--config", cfg, "--device", "cpu"]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "run").exists()
     cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run")
@@ -271,8 +331,7 @@ def test_eval_checks_its_outputs_first_and_writes_strict_json(tmp_path, capsys, 
     from megan_fast.data.imresize import imresize
     from megan_fast.evaluation import bicubic_blend
 
-    torch.manual_seed(0)
-    MEGAN(**TINY, global_skip=True).save_pretrained(tmp_path / "ckpt")  # output = bicubic + blending exactly
+    save_tiny_model(tmp_path / "ckpt", global_skip=True)  # output = bicubic + blending exactly
     # A clip whose ground truth is exactly the baseline's output: PSNR is infinite.
     lq7 = imresize(synthetic.make_clip("coffee", 7, size=(16, 16), seed=1), scale=0.25).clamp(0, 1)
     lq7 = lq7.mul(255).round().div(255)
@@ -303,16 +362,49 @@ def test_eval_checks_its_outputs_first_and_writes_strict_json(tmp_path, capsys, 
     assert sorted(os.listdir(tmp_path / "frames" / "a")) == [f"{i:05d}.png" for i in range(7)]
 
 
+class FirstFrames(torch.utils.data.Dataset):
+    """The first ``n`` input frames of each item of ``dataset`` and their 2n - 1 targets."""
+
+    def __init__(self, dataset, n: int) -> None:
+        self.dataset, self.n = dataset, n
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        return {**item, "lq": item["lq"][: self.n], "gt": item["gt"][: 2 * self.n - 1]}
+
+
+class TwoFrameTrainer(Trainer):
+    """Trains a network of two input frames (3-frame sequences: the smallest that has every part) on the first
+    two frames of each item."""
+
+    def build_datasets(self):
+        return tuple(None if d is None else FirstFrames(d, 2) for d in super().build_datasets())
+
+
 def test_compiled_training_equals_eager_and_resumes_exactly(tmp_path, vimeo):
-    """optim.compile: the step as one torch.compile(fullgraph=True) graph (inductor on CPU)."""
-    eager = train(load_config(write_config(tmp_path / "e.yaml", vimeo, tmp_path / "eager")), device="cpu",
-                  progress=False)
-    full = load_config(write_config(tmp_path / "a.yaml", vimeo, tmp_path / "full", compile="default"))
-    split = load_config(write_config(tmp_path / "b.yaml", vimeo, tmp_path / "split", compile="default"))
-    r_full = train(full, device="cpu", progress=False)
-    train(split, device="cpu", progress=False, stop_at=2)
-    r_rest = train(split, resume=True, device="cpu", progress=False)
-    a, b, e = (torch.load(r.checkpoint, weights_only=True)["model"] for r in (r_full, r_rest, eager))
+    """optim.compile: the step as one torch.compile(fullgraph=True) graph (inductor on CPU), compiled once; the
+    runs after the first reuse it.  Two input frames keep the graph, and so the compile, small."""
+    from torch._dynamo.utils import counters
+
+    def run(name, **kwargs):
+        cfg = write_config(tmp_path / f"{name}.yaml", vimeo, tmp_path / name, model={"num_input_frames": 2},
+                           iterations=2, compile="none" if name == "eager" else "default")
+        return TwoFrameTrainer(load_config(cfg), device="cpu", progress=False, **kwargs).fit()
+
+    eager = run("eager")
+    graphs = counters["stats"]["unique_graphs"]
+    full = run("full")
+    assert run("split", stop_at=1).iteration == 1
+    rest = run("split", resume=True)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert full.last_loss == rest.last_loss
+    a, b, e = (torch.load(r.checkpoint, weights_only=True)["model"] for r in (full, rest, eager))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")  # exact resume
         torch.testing.assert_close(a[key], e[key], rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
@@ -330,26 +422,38 @@ def test_resume_from_the_runs_own_config(tmp_path, vimeo, capsys):
     assert "contains the input --config" in capsys.readouterr().err
 
 
-def test_sigterm_with_data_workers_is_one_line(tmp_path, vimeo):
-    import signal
-    import time
+def start_long_run(tmp_path, vimeo, **logging):
+    """Starts ``megan-fast train`` of a long tiny run with two data workers, in a process group of its own (as a
+    batch scheduler starts it); one thread a process, so that the steps and the workers need not share cores."""
+    cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=100000,
+                       data={"num_workers": 2, "val": None}, logging=logging)
+    return subprocess.Popen([sys.executable, "-m", "megan_fast", "train", "--config", cfg, "--device", "cpu"],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
 
-    cfg = yaml.safe_load(open(write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=100000)))
-    cfg["data"]["num_workers"] = 2
-    cfg["data"].pop("val")
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "megan_fast", "train", "--config", str(tmp_path / "c.yaml"),
-                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    ckpts = tmp_path / "run" / "checkpoints"
+
+def wait_until(proc, done) -> None:
+    """Waits (five minutes at the most) until ``done()``; the process must still be running then."""
     deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline and not (ckpts.is_dir() and len(os.listdir(ckpts)) >= 2):
-        time.sleep(0.1)
+    while proc.poll() is None and time.time() < deadline and not done():
+        time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
-    os.killpg(proc.pid, signal.SIGTERM)  # the whole process group, as a batch scheduler does
+
+
+def ended_quietly(proc, code: int) -> str:
+    """The stderr of ``proc`` once it has ended with exit status ``code`` and no traceback."""
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
+    assert proc.returncode == code, err[-3000:]
     assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    return err
+
+
+def test_sigterm_with_data_workers_is_one_line(tmp_path, vimeo):
+    proc = start_long_run(tmp_path, vimeo)
+    ckpts = tmp_path / "run" / "checkpoints"
+    wait_until(proc, lambda: ckpts.is_dir() and len(os.listdir(ckpts)) >= 2)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole process group, as a batch scheduler does
+    err = ended_quietly(proc, 143)
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "it/s" not in line
              and "s/it" not in line]
     assert lines == ["megan-fast train: terminated (SIGTERM); nothing half-written was left"], err[-2000:]
@@ -400,22 +504,19 @@ def test_configs_that_do_not_fit_the_data_fail_before_writing(tmp_path, vimeo, c
         assert not (tmp_path / "run").exists(), change
 
 
+def interrupted_loss(*args):
+    raise KeyboardInterrupt
+
+
 def test_a_failed_start_can_simply_be_run_again(tmp_path, vimeo, capsys, monkeypatch):
-    import megan_fast.training.loop as training
-
     cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=1)
-    real = training.charbonnier
-
-    def broken(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "charbonnier", broken)
-    assert main(["train", "--config", cfg, "--device", "cpu"]) == 130
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "compute_loss", interrupted_loss)
+        assert main(["train", "--config", cfg, "--device", "cpu"]) == 130
     assert not (tmp_path / "run").exists()  # it wrote config.yaml and checkpoints/, and took them back
     # A start killed outright (SIGKILL) leaves them: such a folder may be started again.
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "config.yaml").write_text("# megan-fast 0.1.0 train: the resolved config of this run\n")
-    monkeypatch.setattr(training, "charbonnier", real)
     assert main(["train", "--config", cfg, "--device", "cpu"]) == 0
     assert os.path.isfile(tmp_path / "run" / "checkpoints" / "iter_1.pt")
 
@@ -428,7 +529,7 @@ def test_yaml_details(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     bad.write_text("output_dir: ~/runs/x\ndata: {train: {root: ~/data}}\n")
     cfg = load_config(str(bad))
-    assert cfg["output_dir"] == str(tmp_path / "runs" / "x") and cfg["data"]["train"]["root"] == str(tmp_path / "data")
+    assert cfg.output_dir == str(tmp_path / "runs" / "x") and cfg.data.train["root"] == str(tmp_path / "data")
 
 
 def test_checkpoint_iteration_must_be_sane(tmp_path, vimeo, capsys):
@@ -444,12 +545,9 @@ def test_checkpoint_iteration_must_be_sane(tmp_path, vimeo, capsys):
     assert (tmp_path / "run" / "config.yaml").read_bytes() == before
 
 
-def test_eval_checks_clip_sizes_first(tmp_path, capsys):
+def test_eval_checks_clip_sizes_first(tmp_path, tiny_checkpoint, capsys):
     synthetic.write_clip_folder(synthetic.make_clip("coffee", 7, size=(30, 30), seed=1), str(tmp_path / "gt" / "odd"))
-    torch.manual_seed(0)
-    MEGAN(**TINY).save_pretrained(tmp_path / "ckpt")
-    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "gt"), "--device",
-                 "cpu"]) == 2
+    assert main(["eval", "--checkpoint", tiny_checkpoint, "--data", str(tmp_path / "gt"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "clip 'odd': frames are 30x30" in err and "multiples of 4" in err and "odd:" not in err.split("error")[0]
 
@@ -465,10 +563,8 @@ def test_what_a_killed_start_leaves_can_be_started_again(tmp_path, vimeo, left):
 
 
 def test_a_failed_start_removes_the_parent_folders_it_made(tmp_path, vimeo, monkeypatch):
-    import megan_fast.training.loop as training
-
     cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "deep" / "x" / "run", iterations=1)
-    monkeypatch.setattr(training, "charbonnier", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(Trainer, "compute_loss", interrupted_loss)
     assert main(["train", "--config", cfg, "--device", "cpu"]) == 130
     assert sorted(os.listdir(tmp_path)) == ["c.yaml"]
 
@@ -477,7 +573,7 @@ def test_yaml_merge_keys_and_odd_keys(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  train: &tr {type: folder, root: x, crop: 2}\n  val: {<<: *tr, crop: null}\n")
     cfg = load_config(str(path))
-    assert cfg["data"]["val"] == {"type": "folder", "root": "x", "crop": None}
+    assert cfg.data.val == {"type": "folder", "root": "x", "crop": None}
     path.write_text("name: t\n? [a, b]\n: 1\n")
     with pytest.raises(ConfigError, match="a key must be a plain value"):
         load_config(str(path))
@@ -510,17 +606,15 @@ def test_resume_from_inside_the_run_folder(tmp_path, vimeo, monkeypatch, capsys)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iteration"] == 2
 
 
-def test_eval_checks_every_frame_size_first(tmp_path, vimeo, capsys, monkeypatch):
+def test_eval_checks_every_frame_size_first(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     import megan_fast.evaluation as evaluation
 
     monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("the model ran before the check"))
-    torch.manual_seed(0)
-    MEGAN(**TINY).save_pretrained(tmp_path / "ckpt")
     synthetic.write_clip_folder(synthetic.make_clip("coffee", 7, size=(16, 16), seed=1), str(tmp_path / "ev" / "a"))
     clip_b = synthetic.make_clip("coffee", 7, size=(16, 16), seed=2)
     synthetic.write_clip_folder(clip_b[:5], str(tmp_path / "ev" / "b"))
     synthetic.write_clip_folder(synthetic.make_clip("coffee", 2, size=(20, 20)), str(tmp_path / "ev" / "b"), start=5)
-    args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu"]
+    args = ["eval", "--checkpoint", tiny_checkpoint, "--device", "cpu"]
     assert main([*args, "--data", str(tmp_path / "ev")]) == 2
     assert "clip 'b': frame 00005.png is 20x20 but 00000.png is 16x16" in capsys.readouterr().err
     odd = {"00001/0001": synthetic.make_clip("rocket", 7, size=(32, 32)),
@@ -532,25 +626,42 @@ def test_eval_checks_every_frame_size_first(tmp_path, vimeo, capsys, monkeypatch
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_repeated_signal_does_not_break_the_cleanup(tmp_path, vimeo, sig):
-    import signal
-    import time
-
-    cfg = yaml.safe_load(open(write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=100000)))
-    cfg["data"]["num_workers"] = 2
-    cfg["data"].pop("val")
-    cfg["logging"]["save_every"] = 1000
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "megan_fast", "train", "--config", str(tmp_path / "c.yaml"),
-                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline and not (tmp_path / "run" / "config.yaml").exists():
-        time.sleep(0.05)
+    proc = start_long_run(tmp_path, vimeo, save_every=1000)
+    wait_until(proc, (tmp_path / "run" / "config.yaml").exists)
     time.sleep(0.5)
     for _ in range(2):  # a double Ctrl-C
         os.killpg(proc.pid, getattr(signal, sig))
         time.sleep(0.01)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == (130 if sig == "SIGINT" else 143), err[-3000:]
-    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    ended_quietly(proc, 130 if sig == "SIGINT" else 143)
     assert not (tmp_path / "run").exists()  # no checkpoint yet: the start was taken back
+
+
+def test_a_training_config_may_name_a_model_of_the_family(tmp_path, vimeo):
+    cfg = load_config(write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run"))
+    cfg.model = {"name": "zooming_slowmo", **{k: TINY[k] for k in ("nf", "deformable_groups", "front_blocks",
+                                                                   "back_blocks")}}
+    model_cfg = cfg.model_config()
+    assert model_cfg.family_name == "Zooming Slow-Mo" and model_cfg.nf == 8 and model_cfg.back_blocks == 1
+    cfg.model = {"name": "tmnet2"}
+    with pytest.raises(ConfigError, match="unknown model 'tmnet2'; known models: megan, tmnet, zooming_slowmo"):
+        cfg.model_config()
+    cfg.model = {"name": "tmnet", "nff": 1}
+    with pytest.raises(ConfigError, match="unknown field 'nff'"):
+        cfg.model_config()
+
+
+def test_a_checkpoint_whose_optimizer_state_does_not_fit_is_one_line(tmp_path, vimeo, capsys):
+    cfg = write_config(tmp_path / "c.yaml", vimeo, tmp_path / "run", iterations=1, data={"val": None})
+    train(load_config(cfg), device="cpu", progress=False)
+    path = tmp_path / "run" / "checkpoints" / "iter_1.pt"
+    state = torch.load(path, weights_only=True)
+    state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(5)
+    torch.save(state, path)
+    assert main(["train", "--config", cfg, "--resume", "--iterations", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this run's config (optimizer state 0.exp_avg has shape (5,)" in err
+    assert len(err.strip().splitlines()) == 1
+    state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(1).expand(2**26)  # 256 MiB claimed, 4 bytes stored
+    torch.save(state, path)
+    assert main(["train", "--config", cfg, "--resume", "--iterations", "2", "--device", "cpu"]) == 2
+    assert "not a megan-fast training checkpoint" in capsys.readouterr().err

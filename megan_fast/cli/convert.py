@@ -17,7 +17,7 @@ from megan_fast.errors import UsageError
 
 # Names that promise a single weights file; convert writes a folder, which such a name would misdescribe.
 WEIGHT_FILE_EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".onnx", ".json")
-MODEL_KIND = outputs.Kind("model folder", folder=True, entries=r"config\.json|model\.safetensors", commands=("model",))
+MODEL_KIND = outputs.MODEL_FOLDER_KIND
 
 
 def add_parser(sub) -> None:

@@ -140,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         except MeganFastError as exc:
             print(f"{name}: error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # OUTPUT -: the program reading standard output stopped reading
+            outputs.remove_leftovers()
+            try:  # nothing more goes to the closed pipe, not even Python's final flush
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except OSError:
+                pass
+            print(f"{name}: error: the program reading standard output closed it; stopped", file=sys.stderr)
+            return 1
         except OSError as exc:  # the file system refused (read-only, full, permissions)
             where = f": {exc.filename}" if exc.filename else ""
             print(f"{name}: error: {exc.strerror or exc}{where}", file=sys.stderr)

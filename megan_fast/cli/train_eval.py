@@ -47,6 +47,7 @@ def add_parsers(sub) -> None:
                    help="replace --json / --save-frames if they are earlier megan-fast outputs (never anything else)")
     _common.add_tile_arguments(p)
     p.add_argument("--device", default=None, help="cpu or cuda")
+    _common.add_providers_argument(p)
     p.add_argument("--no-baseline", action="store_true", help="skip the bicubic + frame blending baseline")
     _common.add_rate_argument(p, "ground-truth frames per input frame (inputs are every K-th frame; K > 2 adds "
                               "scores per time to the table and the JSON)")
@@ -147,8 +148,10 @@ def _eval(args: argparse.Namespace) -> int:
                                         inputs=[*inputs, ("--save-frames", args.save_frames)],
                                         overwrite=args.overwrite)
     overlap = _common.tile_overlap(args)
-    device = resolve_device(args.device)
-    model = _common.load_model(args.checkpoint, device)
+    if _common.is_onnx(args.checkpoint) and args.device is not None:
+        raise UsageError("--device applies to PyTorch models; an ONNX --checkpoint runs on its --providers")
+    device = resolve_device("cpu" if _common.is_onnx(args.checkpoint) else args.device)
+    model = _common.load_model(args.checkpoint, device, providers=args.providers, onnx=True)
     try:
         check_rate(model, args.rate, "--rate")
     except ValueError as exc:

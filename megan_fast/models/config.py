@@ -135,7 +135,7 @@ _FIELD_CHECKS: dict[str, Any] = {
     "nonlocal_inner": lambda w, v: check_int(w, v, 1), "nonlocal_scale": lambda w, v: check_float(w, v, 0, lo_open=True),
     "tau": lambda w, v: check_int(w, v, 1), "graph_layers": lambda w, v: check_int(w, v, 0),
     "graph_hidden": lambda w, v: check_int(w, v, 1), "graph_slope": check_float,
-    "memory_seed": lambda w, v: None if v is None else check_int(w, v, 0), "global_skip": check_bool,
+    "memory_seed": lambda w, v: None if v is None else check_int(w, v, 0, 2**63 - 1), "global_skip": check_bool,
     "nonlocal_blocks": check_bool, "lmga": check_bool, "pad_mode": _pad_mode,
     "time_modulation": check_bool, "neighbour_comparison": check_bool, "reconstruction_skip": check_bool,
 }

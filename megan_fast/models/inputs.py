@@ -19,18 +19,22 @@ __all__ = ["check_input", "check_times"]
 
 def check_input(x: Any, cfg: MEGANConfig, dtype: torch.dtype) -> None:
     """One ValueError naming the shape and dtype expected, for anything else than frames the model can run:
-    a (b, n, 3, H, W) tensor of the weights' dtype (under autocast: float32 or the autocast dtype)."""
+    a dense (b, n, 3, H, W) tensor with H, W >= 1, of the weights' dtype (under autocast: float32 or the
+    autocast dtype)."""
     n_in = "n >= 2" if cfg.any_num_frames else cfg.num_input_frames
     want = f"a (b, {n_in}, 3, H, W) {str(dtype).removeprefix('torch.')} tensor of RGB frames in [0, 1]"
     if not isinstance(x, Tensor):
-        raise ValueError(f"MEGAN: input must be {want}, got a {type(x).__module__}.{type(x).__name__} "
-                         "(torch.from_numpy(array).float() / 255 converts 8-bit frames)")
+        shape = f" of shape {tuple(x.shape)} {x.dtype}" if hasattr(x, "shape") and hasattr(x, "dtype") else ""
+        raise ValueError(f"MEGAN: input must be {want}, got a {type(x).__module__}.{type(x).__name__}{shape} "
+                         "(torch.from_numpy converts an array)")
+    if x.is_nested or x.layout != torch.strided:
+        raise ValueError(f"MEGAN: input must be {want}, got a {'nested' if x.is_nested else x.layout} tensor")
     frames_ok = x.dim() == 5 and (x.shape[1] >= 2 if cfg.any_num_frames else x.shape[1] == cfg.num_input_frames)
     # Under autocast the convolutions cast float32 (and the autocast dtype itself), nothing else.
     dtype_ok = x.dtype == dtype or (torch.is_autocast_enabled(x.device.type) and x.dtype in (
         torch.float32, torch.get_autocast_dtype(x.device.type)))
-    if not frames_ok or x.shape[2] != 3 or not dtype_ok:
-        hint = " (8-bit frames: divide by 255 as floats)" if not x.is_floating_point() else ""
+    if not frames_ok or x.shape[2] != 3 or not dtype_ok or x.shape[3] < 1 or x.shape[4] < 1:
+        hint = " (8-bit frames: divide by 255 as floats)" if x.dtype == torch.uint8 else ""
         raise ValueError(f"MEGAN: input must be {want}, got shape {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
                          f"{hint}")
 

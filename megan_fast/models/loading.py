@@ -11,6 +11,7 @@ its config (docs/DESIGN.md section 5).  Every failure is one
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -25,7 +26,7 @@ from megan_fast.models.megan import MEGAN
 from megan_fast.models.official import from_official_state_dict, looks_official
 from megan_fast.models.saving import CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ["available_memory", "check_memory", "check_state_size", "check_weights", "describe_mismatch",
+__all__ = ["available_memory", "check_memory", "check_state_size", "check_stored", "check_weights", "describe_mismatch",
            "load_folder", "load_model", "load_plain", "read_state_dict"]
 
 
@@ -41,6 +42,7 @@ def load_plain(path: str, what: str) -> object:
     (reason)``; a file that would need Python objects (a pickle payload) is
     refused with the object's name only.
     """
+    _check_archive(path, what)
     try:
         with warnings.catch_warnings():  # torch's notes on the pickle protocol: the error below says what matters
             warnings.simplefilter("ignore")
@@ -53,14 +55,54 @@ def load_plain(path: str, what: str) -> object:
         if found:  # torch names the refused object and how to allowlist it: only the name matters here
             raise CheckpointError(f"{path}: not a {what}: it holds Python objects ({found.group(1)}), which are not "
                                   "loaded (that would run code the file carries)") from None
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
-        if isinstance(exc, EOFError):
-            reason = "the file ends early"
-        elif isinstance(exc, (RuntimeError, pickle.UnpicklingError, OSError)) and lines:  # torch's own words
-            reason = lines[0].split(". ")[0].rstrip(".")[:120]
-        else:  # KeyError: 101 and the like say nothing to a user
-            reason = "not the bytes torch.save writes"
+        raise CheckpointError(f"{path}: not a {what} ({_reason(exc, text)})") from None
+
+
+def _reason(exc: BaseException, text: str) -> str:
+    """A few words on why torch's unpickler refused a file: its own first line, without its advice."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln
+             and "add_safe_globals" not in ln and "allowlist" not in ln]
+    if isinstance(exc, EOFError):
+        return "the file ends early"
+    if "can't allocate memory" in text or "alloc_cpu" in text:
+        return "it asks for more memory than this machine has"
+    if "Unsupported operand" in text:
+        return "a pickle operation the safe loader does not read (save with torch.save's default protocol)"
+    if "allowlisted via" in text or "Can only build" in text or "Can only create" in text:
+        return "it needs objects the safe loader does not build"
+    if isinstance(exc, (RuntimeError, pickle.UnpicklingError, OSError)) and lines:  # torch's own words
+        return lines[0].removeprefix("[enforce fail at ").rstrip(".")[:160]
+    return "not the bytes torch.save writes"  # KeyError: 101 and the like say nothing to a user
+
+
+def _check_archive(path: str, what: str) -> None:
+    """A zip file (torch.save's format) is read only if its members are stored as torch.save stores them
+    (uncompressed: a deflated member could expand to gigabytes inside torch.load), their CRCs hold (torch does
+    not check them: flipped bytes would load silently), and what they declare fits in memory."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format, or not an archive: torch.load decides
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            packed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED]
+            if packed:
+                raise CheckpointError(f"{path}: not a {what} (member {packed[0]!r} is compressed; torch.save stores "
+                                      "its members uncompressed)")
+            total = sum(m.file_size for m in members)
+            free = available_memory()
+            if free is not None and total > free:
+                raise CheckpointError(f"{path}: not a {what} (its members declare {total / 2**30:.1f} GiB; this "
+                                      f"machine has {free / 2**30:.1f} GiB available)")
+            bad = archive.testzip()
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else "a damaged archive"
         raise CheckpointError(f"{path}: not a {what} ({reason})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: not a {what} (CRC mismatch in {bad}: the file is damaged)")
 
 
 def read_state_dict(path: str) -> dict[str, Tensor]:
@@ -69,8 +111,10 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
     A DataParallel save's ``module.`` prefix is removed.  Anything that is not
     a mapping of names to tensors is a :class:`CheckpointError` naming the file.
     """
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise MissingCheckpointError(f"{path}: no such checkpoint file")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not a regular file (a device, a pipe or a folder); give the .pth file itself")
     if path.endswith(".safetensors"):
         raise CheckpointError(f"{path}: a safetensors file; give the folder that holds it with its {CONFIG_NAME}")
     state = load_plain(path, "readable PyTorch weights file")
@@ -90,7 +134,7 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
     return state
 
 
-def _check_stored(state: dict[str, Tensor], source: str) -> None:
+def check_stored(state: dict[str, Tensor], source: str) -> None:
     """Refuses tensors that claim more values than the file stores (views of one small storage, expanded with
     stride 0): such a file is a few megabytes on disk and gigabytes once a model is built from it."""
     plain = [v for v in state.values() if v.layout == torch.strided and not v.is_meta]  # others: check_weights
@@ -107,9 +151,11 @@ def _check_stored(state: dict[str, Tensor], source: str) -> None:
 
 
 def check_state_size(state: dict[str, Tensor], source: str) -> None:
-    """Refuses a state dict whose tensors claim more values than the file stores, or more parameters than fit in
-    this process's memory: checked on the names and shapes, before anything is built."""
-    _check_stored(state, source)
+    """Refuses a state dict of tensors a model cannot hold (:func:`check_tensor_kinds`), whose tensors claim
+    more values than the file stores, or more parameters than fit in this process's memory: checked on the
+    names and shapes, before anything is built."""
+    check_tensor_kinds(state, source)
+    check_stored(state, source)
     check_memory(sum(v.numel() for v in state.values()), 0, source)
 
 
@@ -129,12 +175,18 @@ def _header_shapes(weights_path: str) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc})") from None
 
 
-def _check_fits(cfg: MEGANConfig, config_path: str, weights_path: str, count: int) -> None:
-    """Refuses a config with more blocks than the weights file has tensors (``count``), before building even a
-    meta model of it (``back_blocks: 100000000`` would otherwise take minutes and gigabytes to fail)."""
-    if _min_tensors(cfg) > count:
-        raise CheckpointError(f"{config_path}: the config has more blocks than {os.path.basename(weights_path)} "
-                              f"has tensors ({count}); the weights do not fit this config")
+def _check_fits(cfg: MEGANConfig, config_path: str, weights_path: str, header: dict[str, tuple[int, ...]]) -> None:
+    """Refuses a config with more blocks than the weights file has tensors, or more parameters in its residual
+    blocks alone than the file holds values, before building even a meta model of it (``back_blocks:
+    100000000``, or 20,000 blocks beside as many empty tensors, would take minutes and gigabytes to fail)."""
+    name = os.path.basename(weights_path)
+    if _min_tensors(cfg) > len(header):
+        raise CheckpointError(f"{config_path}: the config has more blocks than {name} has tensors "
+                              f"({len(header)}); the weights do not fit this config")
+    values = sum(math.prod(shape) for shape in header.values())
+    if 2 * (cfg.front_blocks + cfg.back_blocks) * 9 * cfg.nf * cfg.nf > values:
+        raise CheckpointError(f"{config_path}: the config's residual blocks alone have more parameters than {name} "
+                              f"holds values ({values:,}); the weights do not fit this config")
 
 
 def describe_mismatch(own: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]],
@@ -188,16 +240,23 @@ def check_memory(params: int, extra_bytes: int, source: str) -> None:
                               f"to load; this machine has {free / 2**30:.1f} GiB available")
 
 
-def check_weights(state: dict, source: str) -> None:
-    """Refuses weights a model cannot use: not dense floating-point tensors, or NaN/infinite in float32."""
+def check_tensor_kinds(state: dict, source: str) -> None:
+    """Refuses tensors a model cannot hold: not dense (sparse, nested, meta) or not of a floating dtype it runs."""
     for k, v in state.items():
-        if not isinstance(v, torch.Tensor) or v.layout != torch.strided or v.is_meta:
-            raise CheckpointError(f"{source}: tensor {k!r} is not a dense tensor with values "
-                                  f"({getattr(v, 'layout', type(v).__name__)}); expected plain weights")
+        if not isinstance(v, torch.Tensor) or v.is_nested or v.layout != torch.strided or v.is_meta:
+            kind = ("a meta tensor (shapes without values)" if getattr(v, "is_meta", False) else
+                    "a nested tensor" if getattr(v, "is_nested", False) else
+                    f"a {getattr(v, 'layout', type(v).__name__)} tensor")
+            raise CheckpointError(f"{source}: tensor {k!r} is {kind}; expected plain dense weights")
         if v.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             what = "which is not supported" if v.is_floating_point() else "not floating point"
             raise CheckpointError(f"{source}: tensor {k!r} has dtype {str(v.dtype).removeprefix('torch.')}, {what}; "
                                   "expected float16, bfloat16, float32 or float64 weights")
+
+
+def check_weights(state: dict, source: str) -> None:
+    """Refuses weights a model cannot use: :func:`check_tensor_kinds`, or NaN/infinite values in float32."""
+    check_tensor_kinds(state, source)
     broken = [k for k, v in state.items() if not bool(torch.isfinite(v.float()).all())]
     if broken:
         raise CheckpointError(f"{source}: {len(broken)} tensor(s) hold NaN or infinite weights (e.g. {broken[0]!r}) "
@@ -227,8 +286,8 @@ def load_folder(directory: str | os.PathLike, map_location: str | torch.device =
     try:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: not a readable JSON file ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also 5000-digit ints
+        raise CheckpointError(f"{config_path}: not a readable JSON file ({str(exc)[:120]})") from None
     if isinstance(config, dict):
         config.pop("written_by", None)  # save_pretrained's mark (a command's), not a config field
     try:
@@ -236,12 +295,15 @@ def load_folder(directory: str | os.PathLike, map_location: str | torch.device =
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     header = _header_shapes(weights_path)
-    _check_fits(cfg, config_path, weights_path, len(header))
+    _check_fits(cfg, config_path, weights_path, header)
     try:
         with torch.device("meta"):  # shapes and size first: nothing is allocated
             plan = cls(cfg)
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
+    except (RuntimeError, OverflowError, TypeError, ValueError, MemoryError) as exc:  # sizes torch cannot hold
+        raise CheckpointError(f"{config_path}: a config this package cannot build "
+                              f"({str(exc).splitlines()[0][:120]})") from None
     mismatch = describe_mismatch({k: tuple(v.shape) for k, v in plan.state_dict().items()}, header)
     if mismatch:
         raise CheckpointError(f"{weights_path}: the weights do not fit this model's config ({CONFIG_NAME}): "

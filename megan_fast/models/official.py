@@ -100,10 +100,12 @@ def official_names(front_blocks: int = 5, back_blocks: int = 40, tmnet: bool = F
     return {**names, **weight_only}
 
 
-def _count_blocks(state: dict[str, Tensor], prefix: str, default: int) -> int:
-    """How many residual blocks the file has: the distinct indices present (a stray large index is then an
-    unexpected tensor, not a model of that many blocks)."""
-    found = {m.group(1) for k in state if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
+def _count_blocks(state: dict[str, Tensor], prefix: str, default: int, nf: int) -> int:
+    """How many residual blocks the file has: the distinct indices whose first conv is a block's (nf, nf, 3, 3)
+    weight (a stray large index, or thousands of empty tensors under block names, are unexpected tensors, not
+    a model of that many blocks)."""
+    found = {m.group(1) for k, v in state.items()
+             if (m := re.fullmatch(rf"{re.escape(prefix)}\.(\d+)\.conv1\.weight", k)) and tuple(v.shape) == (nf, nf, 3, 3)}
     return len(found) if found else default
 
 
@@ -164,7 +166,7 @@ def recognise(state: dict[str, Tensor], source: str = "state dict") -> _Candidat
     nf = int(first.shape[0]) if first is not None and first.dim() == 4 else 64
     offsets = state.get("pcd_align.L3_dcnpack_1.conv_offset_mask.weight")
     groups = int(offsets.shape[0]) // 27 if offsets is not None and offsets.shape[0] % 27 == 0 else 8
-    front, back = _count_blocks(state, "feature_extraction", 5), _count_blocks(state, "recon_trunk", 40)
+    front, back = _count_blocks(state, "feature_extraction", 5, nf), _count_blocks(state, "recon_trunk", 40, nf)
     candidates = [_Candidate(network, preset, tmnet, state, nf, groups, front, back, source)
                   for network, preset, tmnet in OFFICIAL_NETWORKS]
     best = min(candidates, key=lambda c: c.differences)

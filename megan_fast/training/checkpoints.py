@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from megan_fast import outputs
 from megan_fast.errors import CheckpointError
-from megan_fast.models.loading import load_plain
+from megan_fast.models.loading import check_stored, load_plain
 
 __all__ = ["CHECKPOINT_PREFIX", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "restore", "save_checkpoint"]
 
@@ -50,6 +50,11 @@ def load_checkpoint(path: str) -> dict:
             no unpickling of objects), or missing entries; the path is named.
     """
     state = load_plain(path, "megan-fast training checkpoint")
+    tensors = dict(_tensors(state))
+    try:
+        check_stored(tensors, path)  # views that claim more than the file stores: gigabytes from megabytes
+    except CheckpointError as exc:
+        raise CheckpointError(f"not a megan-fast training checkpoint: {exc}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a megan-fast training checkpoint (holds a {type(state).__name__})")
     for key, kind in _CHECKPOINT_ENTRIES.items():
@@ -58,6 +63,31 @@ def load_checkpoint(path: str) -> dict:
     if state["iteration"] < 0:
         raise CheckpointError(f"{path}: not a megan-fast training checkpoint (iteration {state['iteration']})")
     return state
+
+def _tensors(obj, at: str = ""):
+    """(where, tensor) of every tensor in a checkpoint's nested dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        yield at or "checkpoint", obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{at}.{k}" if at else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{at}[{i}]")
+
+
+def _check_optimizer_shapes(saved: dict, optimizer) -> None:
+    """The optimizer's saved moments have their parameters' shapes (torch's own load does not check: a wrong one
+    fails at the first step, with a traceback)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entries in (saved.get("state") or {}).items():
+        if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(entries, dict):
+            raise CheckpointError(f"optimizer state {index!r} belongs to no parameter of this model")
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape:
+                raise CheckpointError(f"optimizer state {index}.{name} has shape {tuple(value.shape)}, its parameter "
+                                      f"{tuple(params[index].shape)}")
+
 
 def _gather_rng(rank: int, world: int) -> list:
     state = torch.get_rng_state()
@@ -85,8 +115,10 @@ def save_checkpoint(out_dir, it, model, optimizer, scheduler, ema, rank, world, 
              "iteration": it, "rng": rng, "config": model.config_dict(), "written_by": outputs.written_by("train")}
     with outputs.Output(path, "checkpoint", CHECKPOINT_KIND, True, path).atomic_file() as tmp:
         torch.save(state, tmp)
-    # Also a ready-to-use model folder (safetensors + config) of the weights to evaluate.
-    (ema or model).save_pretrained(os.path.join(out_dir, "model"))
+    # Also a ready-to-use model folder (safetensors + config) of the weights to evaluate, replaced whole.
+    model_dir = os.path.join(out_dir, "model")
+    with outputs.Output(model_dir, "model folder", outputs.MODEL_FOLDER_KIND, True, model_dir).atomic_folder() as tmp:
+        (ema or model).save_pretrained(tmp, written_by=outputs.written_by("model"))
     for _, old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
         os.remove(old)
     return path
@@ -95,6 +127,7 @@ def restore(state: dict, path: str, model, optimizer, scheduler, scaler, ema, ra
     """Loads a checkpoint's states into the training objects; returns its iteration."""
     try:
         model.load_state_dict(state["model"])
+        _check_optimizer_shapes(state["optimizer"], optimizer)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") is not None:

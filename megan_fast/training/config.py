@@ -1,15 +1,23 @@
-"""The training config: defaults, YAML reading and the check of every entry (``megan-fast train --config``).
+"""The training config: typed sections, YAML reading and the check of every entry (``megan-fast train --config``).
 
-Every entry is typed and ranged when the file is loaded (:func:`load_config`);
-data folders are opened when training starts, before anything is written
-(docs/DESIGN.md section 5).
+:func:`load_config` reads a YAML file into a :class:`TrainConfig` (sections
+:class:`DataConfig`, :class:`OptimConfig`, :class:`LoggingConfig`): the
+defaults filled in, every entry typed and ranged; data folders are opened
+when training starts, before anything is written (docs/DESIGN.md section 5).
+``model:`` is a mapping of :class:`~megan_fast.models.MEGANConfig` fields,
+built by :func:`model_config`, and ``data.train`` / ``data.val`` are dataset
+specs whose entries depend on their ``type`` (mappings, see
+:func:`~megan_fast.training.datasets.build_dataset`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -19,43 +27,127 @@ from megan_fast._checks import check_bool as _bool, check_float as _float, check
 from megan_fast.errors import ConfigError
 from megan_fast.inference import COMPILE_MODES  # optim.compile: eager, or torch.compile in that mode
 from megan_fast.models import MEGANConfig
+from megan_fast.training.datasets import dataset_class
 
-__all__ = ["DEFAULTS", "build_dataset", "load_config"]
-
+__all__ = ["DataConfig", "LoggingConfig", "OptimConfig", "TrainConfig", "load_config", "model_config"]
 
 
 _DATA_DEFAULTS = {"vimeo90k": {"root": None, "lq_root": None, "crop": 32, "augment": True},
                   "folder": {"root": None, "lq_root": None, "crop": 32, "augment": True}}
 
-DEFAULTS: dict[str, Any] = {
-    "name": "megan",
-    "output_dir": "runs/megan",
-    "seed": 0,
-    "model": {},
-    "data": {
-        "train": {"type": "vimeo90k", **_DATA_DEFAULTS["vimeo90k"]},
-        "val": None,
-        "batch_size": 16,
-        "num_workers": 4,
-    },
-    "optim": {
-        "lr": 1e-4,
-        "betas": [0.9, 0.99],
-        "weight_decay": 0.0,
-        "iterations": 600000,
-        "eta_min": 1e-7,
-        "warmup_iterations": 0,
-        "grad_clip": 0.0,
-        "charbonnier_eps": 1e-3,
-        "ema_decay": 0.0,
-        "autocast": "none",
-        "compile": "none",
-    },
-    "logging": {"print_every": 100, "val_every": 5000, "save_every": 5000, "keep_checkpoints": 3,
-                "tensorboard": True},
-}
+
+@dataclasses.dataclass
+class DataConfig:
+    """``data:``: the training set, the validation set (None: no validation) and how they are batched.
+
+    ``train`` and ``val`` are dataset specs: ``type`` ('vimeo90k', 'folder'
+    or 'photos') and the arguments of that dataset class.
+    """
+
+    train: dict = dataclasses.field(default_factory=lambda: {"type": "vimeo90k", **_DATA_DEFAULTS["vimeo90k"]})
+    val: dict | None = None
+    batch_size: int = 16  # over all processes
+    num_workers: int = 4  # data-loader workers per process
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """``optim:``: Adam, the warm-up + cosine schedule, the loss, EMA, mixed precision and compilation."""
+
+    lr: float = 1e-4
+    betas: list = dataclasses.field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    iterations: int = 600000
+    eta_min: float = 1e-7
+    warmup_iterations: int = 0
+    grad_clip: float = 0.0  # 0: no clipping of the gradient norm
+    charbonnier_eps: float = 1e-3
+    ema_decay: float = 0.0  # 0: no EMA copy of the weights
+    autocast: str = "none"  # none, bfloat16 or float16 (CUDA only)
+    compile: str = "none"  # none, default or reduce-overhead (docs/DESIGN.md section 3)
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    """``logging:``: the intervals (in iterations) of the loss line, validation and checkpoints."""
+
+    print_every: int = 100
+    val_every: int = 5000
+    save_every: int = 5000
+    keep_checkpoints: int = 3  # 0: keep all
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """A training run's config: what ``config.yaml`` holds, typed.
+
+    Build it with :func:`load_config` (a YAML file) or :meth:`from_dict` (a
+    mapping in the same layout); both fill in the defaults and check every
+    entry.  ``TrainConfig()`` holds the defaults; entries changed in Python
+    afterwards are not checked again (``TrainConfig.from_dict(config.to_dict())``
+    does).
+    """
+
+    name: str = "megan"
+    output_dir: str = "runs/megan"
+    seed: int = 0
+    model: dict = dataclasses.field(default_factory=dict)  # MEGANConfig fields: see model_config()
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping) -> "TrainConfig":
+        """The config of a mapping laid out as the YAML file: defaults filled in, every entry checked.
+
+        Raises:
+            ConfigError: an unknown entry, a wrong type or range, a missing
+                ``data.train.root``, a ``model:`` that is not a valid MEGANConfig.
+        """
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"a training config must be a mapping, got {type(raw).__name__}")
+        cfg = _merge(TrainConfig().to_dict(), dict(raw))
+        _expand_paths(cfg)
+        _check(cfg)
+        return cls(name=cfg["name"], output_dir=cfg["output_dir"], seed=cfg["seed"], model=cfg["model"],
+                   data=DataConfig(**cfg["data"]), optim=OptimConfig(**cfg["optim"]),
+                   logging=LoggingConfig(**cfg["logging"]))
+
+    def to_dict(self) -> dict:
+        """The config as plain data in the YAML layout (a deep copy): what a run's ``config.yaml`` holds."""
+        return dataclasses.asdict(self)
+
+    def model_config(self) -> MEGANConfig:
+        """The network's config, from ``model:`` (:func:`model_config`)."""
+        return model_config(self.model)
+
+
+def model_config(model: Any) -> MEGANConfig:
+    """The one place where a training config's ``model:`` entry becomes a :class:`MEGANConfig`: its fields, or
+    ``name`` (a model of :func:`megan_fast.models.list_models`: ``megan``, ``zooming_slowmo``, ``tmnet``) and
+    fields that change that preset.  ConfigError naming the field for an unknown, mistyped or out-of-range one."""
+    from megan_fast.models.registry import model_config as preset_config
+
+    if isinstance(model, Mapping) and "name" in model:
+        fields = {k: v for k, v in model.items() if k != "name"}
+        if not isinstance(model["name"], str):
+            raise ConfigError(f"model.name must be one of {', '.join(_model_names())}, got {model['name']!r}")
+        try:
+            return preset_config(model["name"], **fields)
+        except ConfigError as exc:
+            raise ConfigError(f"model: {str(exc).removeprefix('MEGAN: ')}") from None
+    return MEGANConfig.from_dict(dict(model) if isinstance(model, Mapping) else model, source="model")
+
+
+def _model_names() -> list[str]:
+    from megan_fast.models import list_models
+
+    return list_models()
+
 
 def _merge(base: dict, override: dict, path: str = "") -> dict:
+    """``base`` (the defaults) with ``override``'s entries, section by section; unknown entries refused."""
     out = copy.deepcopy(base)
     for key, value in override.items():
         where = f"{path}{key}"
@@ -64,7 +156,7 @@ def _merge(base: dict, override: dict, path: str = "") -> dict:
         if where in ("data.train", "data.val") and isinstance(value, dict):
             if "type" in value and not isinstance(value["type"], str):
                 raise ConfigError(f"{where}.type must be 'vimeo90k', 'folder' or 'photos', got {value['type']!r}")
-            out[key] = _data_spec(value, where, base[key] or {})
+            out[key] = _data_spec(value, where)
         elif isinstance(base[key], dict) and key != "model":
             if not isinstance(value, dict):
                 raise ConfigError(f"{where} must be a mapping, got {value!r}")
@@ -73,25 +165,11 @@ def _merge(base: dict, override: dict, path: str = "") -> dict:
             out[key] = value
     return out
 
-def _dataset_class(kind: str):
-    from megan_fast import data
 
-    if kind == "vimeo90k":
-        return data.Vimeo90KSeptuplet
-    if kind == "folder":
-        return data.VideoFolderClips
-    if kind == "photos":
-        from megan_fast.data.photo_clips import PhotoClips  # needs scikit-image: imported on use
-
-        return PhotoClips
-    raise ConfigError(f"data type must be 'vimeo90k', 'folder' or 'photos', got {kind!r}")
-
-def _data_spec(value: dict, where: str, base: dict) -> dict:
-    """A data.train / data.val entry: its type's defaults filled in, unknown entries refused."""
-    import inspect
-
+def _data_spec(value: dict, where: str) -> dict:
+    """A data.train / data.val entry: its type's defaults filled in (training sets), unknown entries refused."""
     kind = value.get("type", "vimeo90k")
-    cls = _dataset_class(kind)
+    cls = dataset_class(kind)
     spec = {**_DATA_DEFAULTS.get(kind, {}), **value} if where == "data.train" else dict(value)
     known = set(inspect.signature(cls).parameters) - {"seed", "gt_root"} | {"type", "root"}
     if kind == "photos":
@@ -159,8 +237,8 @@ _DATA_CHECKS = {
     "photos": lambda w, v: _names(w, v),
 }
 
-def _check_config(cfg: dict) -> None:
-    """Types and ranges of every entry (load_config's checks after merging the defaults)."""
+def _check_entries(cfg: dict) -> None:
+    """Types and ranges of every entry but ``model:`` (a config in the YAML layout, defaults merged)."""
     _str("name", cfg["name"])
     _str("output_dir", cfg["output_dir"])
     _int("seed", cfg["seed"], 0)
@@ -209,11 +287,22 @@ def _expand_paths(cfg: dict) -> None:
             if isinstance(spec, dict) and isinstance(spec.get(key), str):
                 spec[key] = os.path.expanduser(spec[key])
 
-def load_config(path: str) -> dict:
+def _check(cfg: dict) -> None:
+    """Every check of a config in the YAML layout (defaults merged), in the order the messages are promised."""
+    if not isinstance(cfg["model"], dict):
+        raise ConfigError(f"model must be a mapping of MEGANConfig fields, got {cfg['model']!r}")
+    _check_entries(cfg)
+    if cfg["data"]["train"].get("type", "vimeo90k") != "photos" and cfg["data"]["train"].get("root") is None:
+        raise ConfigError("data.train.root must be set to the training data folder")
+    model_config(cfg["model"])
+
+
+def load_config(path: str) -> TrainConfig:
     """Reads a YAML training config, fills in the defaults and checks every entry; raises ConfigError.
 
     Nothing is read but the file itself: the data folders are checked when
-    training starts (:func:`train`), before anything is written.
+    training starts (:meth:`megan_fast.training.Trainer.setup`), before
+    anything is written.
     """
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} not found")
@@ -224,27 +313,4 @@ def load_config(path: str) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    cfg = _merge(DEFAULTS, raw)
-    _expand_paths(cfg)
-    if not isinstance(cfg["model"], dict):
-        raise ConfigError(f"model must be a mapping of MEGANConfig fields, got {cfg['model']!r}")
-    _check_config(cfg)
-    if cfg["data"]["train"].get("type", "vimeo90k") != "photos" and cfg["data"]["train"].get("root") is None:
-        raise ConfigError("data.train.root must be set to the training data folder")
-    MEGANConfig.from_dict(dict(cfg["model"]), source="model")
-    return cfg
-
-def build_dataset(spec: dict, seed: int, train: bool):
-    spec = dict(spec)
-    kind = spec.pop("type", "vimeo90k")
-    cls = _dataset_class(kind)
-    if kind == "photos":
-        if not train:
-            raise ConfigError("data type 'photos' is for training; validate on written clips (type 'folder')")
-        return cls(**spec, seed=seed)
-    root = spec.pop("root", None)
-    if root is None:
-        raise ConfigError(f"data type {kind!r} needs a root folder")
-    if kind == "folder" and not train:
-        spec.setdefault("mode", "eval")  # whole frames, the protocol's windows
-    return cls(root, **spec, **({"seed": seed} if train else {}))
+    return TrainConfig.from_dict(raw)

@@ -17,8 +17,10 @@ import yaml
 from megan_fast import outputs
 from megan_fast.errors import CheckpointError
 from megan_fast.training.checkpoints import latest_checkpoint, list_checkpoints
+from megan_fast.training.config import TrainConfig
 
-__all__ = ["CONFIG_NAME", "check_output_dir", "undo_start", "write_config"]
+__all__ = ["CONFIG_KIND", "CONFIG_NAME", "RUN_ENTRIES", "RUN_KIND", "check_output_dir", "undo_start", "what_exists",
+           "write_config"]
 
 
 CONFIG_NAME = "config.yaml"
@@ -28,11 +30,11 @@ RUN_KIND = outputs.Kind("training run folder", folder=True)
 CONFIG_KIND = outputs.Kind("run config")
 
 
-def _data_inputs(cfg: dict) -> list[tuple[str, str | None]]:
+def _data_inputs(config: TrainConfig) -> list[tuple[str, str | None]]:
     """The folders and files a config reads, as (entry, path): outputs may not overlap them."""
     found = []
     for part in ("train", "val"):
-        spec = cfg["data"].get(part) or {}
+        spec = getattr(config.data, part) or {}
         for key in ("root", "lq_root", "list_file"):
             found.append((f"data.{part}.{key}", spec.get(key)))
     return found
@@ -57,7 +59,7 @@ def _never_saved(run: str) -> bool:
             return False
     return True
 
-def check_output_dir(cfg: dict, resume: bool, inputs: list[tuple[str, str | None]] = ()) -> outputs.Output:
+def check_output_dir(config: TrainConfig, resume: bool, inputs: list[tuple[str, str | None]] = ()) -> outputs.Output:
     """Checks ``output_dir`` before anything is written: a fresh run needs a new or empty folder, ``resume`` a run.
 
     Raises:
@@ -65,10 +67,10 @@ def check_output_dir(cfg: dict, resume: bool, inputs: list[tuple[str, str | None
             a fresh run into a folder that holds files.
         CheckpointError: ``resume`` and no checkpoint in the folder.
     """
-    own_config = os.path.join(os.path.abspath(str(cfg["output_dir"] or ".")), CONFIG_NAME)
+    own_config = os.path.join(os.path.abspath(str(config.output_dir or ".")), CONFIG_NAME)
     if resume:  # continuing a run from the config it saved: that file is read, then rewritten the same
         inputs = [(n, p) for n, p in inputs if not (p and os.path.realpath(p) == os.path.realpath(own_config))]
-    out = outputs.check_output(cfg["output_dir"], "output_dir", RUN_KIND, inputs=[*_data_inputs(cfg), *inputs],
+    out = outputs.check_output(config.output_dir, "output_dir", RUN_KIND, inputs=[*_data_inputs(config), *inputs],
                                existing="keep", make_parents=True)
     ckpt_dir = os.path.join(out.path, "checkpoints")
     for name in RUN_ENTRIES:  # the run writes into these: a link would send its writes and pruning elsewhere
@@ -100,6 +102,17 @@ def check_output_dir(cfg: dict, resume: bool, inputs: list[tuple[str, str | None
                                   "continue the run there, or choose a new output_dir")
     return out
 
+def what_exists(out_dir: str) -> tuple[set[str] | None, list[str]]:
+    """Before a run writes into ``out_dir``: the names in it (None: no such folder) and its missing parent folders,
+    innermost first (the run creates them); :func:`undo_start` takes back what the run adds."""
+    existed = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else None
+    made, parent = [], os.path.dirname(out_dir)
+    while parent and not os.path.exists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
+    return existed, made
+
+
 def undo_start(out_dir: str, existed: set[str] | None, made: list[str] = ()) -> None:
     """After a run that saved no checkpoint fails: removes what it wrote (its config.yaml, the folders it made),
     so that the same command can simply be run again.  ``existed``: the names in ``out_dir`` before the run
@@ -121,10 +134,10 @@ def undo_start(out_dir: str, existed: set[str] | None, made: list[str] = ()) -> 
             os.rmdir(path)  # only if empty
 
 
-def write_config(out: outputs.Output, cfg: dict) -> None:
+def write_config(out: outputs.Output, config: TrainConfig) -> None:
     """``output_dir/config.yaml``: the resolved config, marked as megan-fast's (replaced only if it is)."""
     config_out = out.child(CONFIG_NAME, CONFIG_KIND)
     config_out.check_existing()
     with config_out.atomic_file() as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(f"# {outputs.written_by('train')}: the resolved config of this run\n")
-        yaml.safe_dump(cfg, f, sort_keys=False)
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)

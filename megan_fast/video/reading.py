@@ -1,51 +1,49 @@
-"""Video and frame-folder I/O for ``megan-fast upscale`` (PyAV for video files, :mod:`megan_fast.images` for frames).
+"""Reading videos and frame folders: frames as (3, H, W) float32 RGB in [0, 1], as displayed, with their times.
 
-Frames are (3, H, W) float32 RGB tensors in [0, 1], as displayed: a video's
-display matrix (a phone's rotation, flips) is applied to the decoded frames,
-and the EXIF orientation of image files too.
-
-Reading (:class:`FrameReader`) yields each frame with its presentation time,
-so that the writer can follow the input's timestamps (variable frame rate
-stays in step with the copied audio), and counts what it decoded: a file that
-declares more frames than it holds (a cut download) is reported, not hidden.
-
-Writing (:class:`VideoWriter`, :class:`FrameFolderWriter`) goes to a path the
-caller got from :mod:`megan_fast.outputs` (a temporary renamed into place on
-success); :func:`check_video_output` tries the container, codec and audio
-copy on an in-memory file before any work.
+Video files through PyAV; a YUV4MPEG2 stream on standard input (INPUT
+``-``: frame rate, size, chroma, bit depth and range from its header);
+frame folders through :mod:`megan_fast.images`.  A video's display matrix
+(a phone's rotation, flips) is applied to the decoded frames.  Sources of
+more than 8 bits (10-, 12-, 16-bit video, 16-bit PNG frames) are read at
+full precision (rgb48, never through 8 bits); the YUV to RGB conversion uses
+the source's own matrix and range, and :class:`Colour` carries primaries,
+transfer, matrix and range to the writer (docs/DESIGN.md section 5).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fractions
-import io
 import os
 import struct
+import sys
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
-from megan_fast.errors import InputError, OutputError
-from megan_fast.images import IMAGE_EXTENSIONS, image_size, list_frames, read_image, to_uint8
+from megan_fast.errors import InputError
+from megan_fast.images import IMAGE_EXTENSIONS, image_size, list_frames, png_bit_depth, read_image
 
-# Output extension -> (FFmpeg muxer, video encoder, encoder options).
-VIDEO_OUTPUTS: dict[str, tuple[str, str, dict[str, str]]] = {
-    ".mp4": ("mp4", "libx264", {"crf": "18"}),
-    ".mov": ("mov", "libx264", {"crf": "18"}),
-    ".mkv": ("matroska", "libx264", {"crf": "18"}),
-    ".webm": ("webm", "libvpx-vp9", {"crf": "20", "b": "0", "row-mt": "1", "cpu-used": "4"}),
-}
-# Media extensions that are not written (an OUTPUT with one of these is refused, not taken for a folder name).
-UNSUPPORTED_OUTPUTS = (".avi", ".gif", ".apng", ".flv", ".f4v", ".wmv", ".asf", ".ts", ".mts", ".m2ts", ".m4v",
-                       ".mpg", ".mpeg", ".m2v", ".vob", ".3gp", ".3g2", ".ogv", ".ogg", ".mxf", ".y4m", ".qt", ".rm",
-                       ".rmvb", ".divx", ".dv", ".nut", ".mjpeg", ".h264", ".264", ".h265", ".265", ".hevc", ".ivf",
-                       ".mp3", ".wav", ".m4a", ".aac", ".flac", ".opus", ".wma", ".ac3") + IMAGE_EXTENSIONS
+PIPE = "-"  # INPUT / OUTPUT: standard input / output, YUV4MPEG2
 
 
-# The coarsest time base a muxer stores timestamps in, where it rescales whatever it is given.
-_STORED_TIME_BASE = {"matroska": fractions.Fraction(1, 1000), "webm": fractions.Fraction(1, 1000)}
+@dataclasses.dataclass(frozen=True)
+class Colour:
+    """A video's colour description, FFmpeg's codes (2 / 0: unspecified): primaries, transfer, matrix, range."""
+
+    primaries: int = 2
+    trc: int = 2
+    matrix: int = 2
+    range: int = 0
+
+    @classmethod
+    def of(cls, frame) -> "Colour":
+        return cls(int(frame.color_primaries), int(frame.color_trc), int(frame.colorspace), int(frame.color_range))
+
+    @property
+    def specified(self) -> bool:
+        return (self.primaries, self.trc, self.matrix, self.range) != (2, 2, 2, 0)
 
 
 class VideoError(InputError, RuntimeError):
@@ -63,6 +61,9 @@ class VideoInfo:
     orientation: str | None = None  # e.g. "rotated 90 degrees counter-clockwise", None if none
     dropped_streams: int = 0  # subtitle, data and further video streams, which are not copied
     time_base: fractions.Fraction = fractions.Fraction(1, 25)  # of the timestamps FrameReader yields
+    bits: int = 8  # bits per sample of the source (8, 10, 12, 16)
+    pix_fmt: str | None = None  # a video's pixel format (None: frame folders)
+    colour: Colour = Colour()
 
 
 # --------------------------------------------------------------------------- orientation
@@ -130,7 +131,8 @@ def _folder_info(path: str, folder_fps: float) -> VideoInfo:
                              f"{os.path.basename(files[0])} is {size[0]}x{size[1]}; the frames of a clip "
                              "must have one size")
     fps = fractions.Fraction(folder_fps).limit_denominator(1001)
-    return VideoInfo(len(files), fps, size[0], size[1], False, time_base=1 / fps)
+    bits = 16 if png_bit_depth(files[0]) == 16 else 8
+    return VideoInfo(len(files), fps, size[0], size[1], False, time_base=1 / fps, bits=bits)
 
 
 def probe(path: str, folder_fps: float = 25.0) -> VideoInfo:
@@ -139,6 +141,8 @@ def probe(path: str, folder_fps: float = 25.0) -> VideoInfo:
     Raises:
         VideoError: not found, not a video, no video stream, or its first frame cannot be decoded.
     """
+    if path == PIPE:
+        raise ValueError("probe('-'): standard input can be read once; use FrameReader('-').open_pipe()")
     if os.path.isdir(path):
         return _folder_info(path, folder_fps)
     if not os.path.isfile(path):
@@ -161,7 +165,8 @@ def probe(path: str, folder_fps: float = 25.0) -> VideoInfo:
             return VideoInfo(stream.frames or None, fractions.Fraction(fps), w, h, audio is not None,
                              audio.codec_context.name if audio is not None else None,
                              orient.describe() if orient else None, dropped_streams=dropped,
-                             time_base=stream.time_base or 1 / fractions.Fraction(fps))
+                             time_base=stream.time_base or 1 / fractions.Fraction(fps), bits=_bits(first),
+                             pix_fmt=first.format.name, colour=Colour.of(first))
     except av.error.FFmpegError as exc:
         raise VideoError(f"{path}: cannot be read as a video ({exc})") from None
 
@@ -210,6 +215,30 @@ class FrameReader:
         self.rate: fractions.Fraction | None = None
         self.error: str | None = None
         self.constant_rate_from: int | None = None  # first frame timed at the average rate
+        self._pipe = None  # standard input: (container, stream, its first decoded frame), from open_pipe
+
+    def open_pipe(self) -> VideoInfo:
+        """INPUT ``-``: opens the YUV4MPEG2 stream on standard input, decodes its first frame (kept for the
+        iteration) and returns what :func:`probe` returns for a file (no audio: y4m has none).
+
+        Raises:
+            VideoError: not a y4m stream, or no frame in it.
+        """
+        import av
+
+        try:
+            container = av.open(sys.stdin.buffer, format="yuv4mpegpipe")
+            stream = container.streams.video[0]
+            first = next(container.decode(stream), None)
+        except (av.error.FFmpegError, IndexError, OSError) as exc:
+            raise VideoError(f"INPUT -: standard input is not a YUV4MPEG2 stream ({exc}); pipe y4m in, e.g. "
+                             "vspipe -c y4m or ffmpeg -f yuv4mpegpipe") from None
+        if first is None:
+            raise VideoError("INPUT -: the YUV4MPEG2 stream on standard input holds no frame")
+        self._pipe = (container, stream, first)
+        fps = fractions.Fraction(stream.average_rate or stream.guessed_rate or 25)
+        return VideoInfo(None, fps, first.width, first.height, False, time_base=stream.time_base or 1 / fps,
+                         bits=_bits(first), pix_fmt=first.format.name, colour=Colour.of(first))
 
     def _check_size(self, frame: Tensor, size: tuple[int, int] | None) -> tuple[int, int]:
         here = (frame.shape[-1], frame.shape[-2])
@@ -232,22 +261,30 @@ class FrameReader:
         yield from self._decode()
 
     def _decode(self) -> Iterator[tuple[fractions.Fraction, Tensor]]:
+        import itertools
+
         import av
 
         size = None
-        try:
-            container = av.open(self.path)
-        except av.error.FFmpegError as exc:
-            raise VideoError(f"{self.path}: cannot be read as a video ({exc})") from None
+        if self._pipe is not None:
+            container, stream, first = self._pipe
+        else:
+            try:
+                container = av.open(self.path)
+            except av.error.FFmpegError as exc:
+                raise VideoError(f"{self.path}: cannot be read as a video ({exc})") from None
+            stream, first = container.streams.video[0], None
         with container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            if first is None:  # (a pipe's decoder is open already: it decoded the first frame)
+                stream.thread_type = "AUTO"
             self.declared = stream.frames or None
             rate = stream.average_rate or stream.guessed_rate or fractions.Fraction(25)
             self.rate = fractions.Fraction(rate)
             self.duration = _stream_duration(stream, container)
             start = last = None
             frames = container.decode(stream)
+            if first is not None:
+                frames = itertools.chain([first], frames)
             while True:
                 try:
                     frame = next(frames)
@@ -256,13 +293,8 @@ class FrameReader:
                 except av.error.FFmpegError as exc:
                     self.error = str(exc)
                     break
-                try:
-                    rgb = frame.to_ndarray(format="rgb24")
-                except (ValueError, av.error.FFmpegError) as exc:
-                    raise VideoError(f"{self.path}: cannot convert pixel format {frame.format.name!r} to RGB "
-                                     f"({exc})") from None
+                tensor = _to_tensor(frame, self.path)
                 orient = _orientation(frame)
-                tensor = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255)
                 if orient is not None:
                     tensor = orient.apply(tensor)
                 size = self._check_size(tensor, size)
@@ -307,178 +339,23 @@ def read_frames(path: str, folder_fps: float = 25.0) -> Iterator[Tensor]:
         yield frame
 
 
-# --------------------------------------------------------------------------- writing
+def _bits(frame) -> int:
+    """Bits per sample of a decoded frame's pixel format (8 for anything FFmpeg does not say)."""
+    try:
+        return max(int(c.bits) for c in frame.format.components) or 8
+    except (AttributeError, ValueError):
+        return 8
 
 
-def output_format(path: str) -> str | None:
-    """The output's extension if it is a video :func:`check_video_output` can write, None for a frame folder.
-
-    Raises:
-        OutputError: a media extension that is not written (.avi, .gif, images, ...).
-    """
-    ext = os.path.splitext(path)[1].lower()
-    if ext in VIDEO_OUTPUTS:
-        return ext
-    if ext in UNSUPPORTED_OUTPUTS:
-        raise OutputError(f"OUTPUT {path!r}: {ext} is not written; use a video ending in "
-                          f"{', '.join(VIDEO_OUTPUTS)}, or a folder path (without an extension) for PNG frames")
-    return None
-
-
-def _audio_stream(container):
-    return container.streams.audio[0] if container.streams.audio else None
-
-
-class VideoWriter:
-    """Encodes frames into ``path`` (its extension picks the format, :data:`VIDEO_OUTPUTS`), copying audio.
-
-    Frames are written at the times given (the input's timestamps; None: a
-    constant ``fps``).  The audio of ``audio_from`` is copied packet for
-    packet, interleaved with the video as it is written.  The container's
-    comment carries megan-fast's mark.  Call :meth:`close` when done (or
-    :meth:`abort` to drop the file's encoder state after an error).
-    """
-
-    def __init__(self, path: str, fps: fractions.Fraction, width: int, height: int,
-                 audio_from: str | None = None, time_base: fractions.Fraction | None = None,
-                 fmt: str | None = None, command: str | None = None) -> None:
-        import av
-
-        from megan_fast.outputs import written_by
-
-        muxer, codec, options = VIDEO_OUTPUTS[fmt or os.path.splitext(path)[1].lower()]
-        self.fps = fractions.Fraction(fps)
-        # Timestamps are made strictly increasing in the time base the container stores (Matroska and WebM:
-        # milliseconds), so frames closer than that are moved apart rather than given one timestamp.
-        self.time_base = max(time_base or 1 / self.fps, _STORED_TIME_BASE.get(muxer, fractions.Fraction(0)))
-        self.container = av.open(path, mode="w", format=muxer)
-        self._audio_src = None
-        try:
-            self.container.metadata["comment"] = written_by(command)
-            self.stream = self.container.add_stream(codec, rate=self.fps)
-            self.stream.width, self.stream.height = width, height
-            self.stream.pix_fmt = "yuv420p"
-            self.stream.codec_context.time_base = self.time_base
-            self.stream.time_base = self.time_base
-            self.stream.options = dict(options)
-            # Every stream must exist before the first packet is written.
-            self.out_audio: dict[int, object] = {}  # input stream index -> output stream
-            if audio_from is not None:
-                self._audio_src = av.open(audio_from)
-                sources = list(self._audio_src.streams.audio)
-                for src in sources:
-                    self.out_audio[src.index] = self.container.add_stream_from_template(src)
-                if sources:
-                    self._audio_packets = self._audio_src.demux(*sources)
-                    self._pending = None
-        except BaseException:
-            self.abort()
-            raise
-        self.count = 0
-        self._last_pts = None
-
-    def _mux_audio(self, until: float | None) -> None:
-        """Copies audio packets (of every audio stream, in file order) up to ``until`` seconds (None: the rest)."""
-        if not self.out_audio:
-            return
-        while True:
-            packet = self._pending
-            if packet is None:
-                packet = next(self._audio_packets, None)
-                if packet is None:
-                    self.out_audio = {}
-                    return
-            if packet.dts is None:  # the demuxer's end-of-stream marker
-                self._pending = None
-                continue
-            if until is not None and packet.pts is not None and float(packet.pts * packet.time_base) > until:
-                self._pending = packet
-                return
-            self._pending = None
-            packet.stream = self.out_audio[packet.stream.index]
-            self.container.mux(packet)
-
-    def write(self, frame: Tensor, time: fractions.Fraction | None = None) -> None:
-        import av
-
-        vf = av.VideoFrame.from_ndarray(to_uint8(frame), format="rgb24")
-        pts = round(time / self.time_base) if time is not None else round(self.count / self.fps / self.time_base)
-        if self._last_pts is not None and pts <= self._last_pts:
-            pts = self._last_pts + 1
-        vf.pts, vf.time_base = pts, self.time_base
-        self._last_pts = pts
-        self._mux_audio(float(pts * self.time_base))
-        for packet in self.stream.encode(vf):
-            self.container.mux(packet)
-        self.count += 1
-
-    def close(self) -> None:
-        for packet in self.stream.encode():
-            self.container.mux(packet)
-        self._mux_audio(None)
-        self.container.close()
-        if self._audio_src is not None:
-            self._audio_src.close()
-
-    def abort(self) -> None:
-        for c in (self.container, self._audio_src):
-            try:
-                if c is not None:
-                    c.close()
-            except Exception:  # the container may be unusable after an error
-                pass
-
-
-def check_video_output(path: str, width: int, height: int, audio_from: str | None) -> None:
-    """Tries the container, encoder and audio copy of a video OUTPUT on an in-memory file, before any work.
-
-    Raises:
-        OutputError: the encoder is not in this PyAV build, or the input's
-            audio cannot be stored in this container unchanged.
-    """
+def _to_tensor(frame, path: str) -> Tensor:
+    """A decoded frame as (3, H, W) float32 RGB in [0, 1]: through 16-bit RGB for sources of more than 8 bits,
+    with the frame's own matrix and range (swscale's default would take limited-range BT.601)."""
     import av
 
-    ext = os.path.splitext(path)[1].lower()
-    muxer, codec, _ = VIDEO_OUTPUTS[ext]
-    if codec not in av.codecs_available:
-        raise OutputError(f"OUTPUT {path!r}: this PyAV build has no {codec} encoder for {ext}; use .mp4 or .mkv")
-    if width % 2 or height % 2:
-        raise OutputError(f"OUTPUT {path!r}: {width}x{height} frames cannot be encoded in 4:2:0 (odd size)")
-    audio_codec = None
-    writer = None
+    deep = _bits(frame) > 8
     try:
-        writer = VideoWriter(io.BytesIO(), fractions.Fraction(25), 64, 64, audio_from, fmt=ext)  # type: ignore[arg-type]
-        if writer.out_audio:
-            audio_codec = ", ".join(sorted({a.codec_context.name for a in writer.out_audio.values()}))
-        # One frame and the first audio packets write the header, where a container refuses a codec.
-        writer.write(torch.zeros(3, 64, 64))
-        for packet in writer.stream.encode():
-            writer.container.mux(packet)
-        writer._mux_audio(0.1)
-    except (av.error.FFmpegError, ValueError) as exc:
-        what = f"the input's {audio_codec} audio" if audio_codec else "this output"
-        if audio_from is not None and audio_codec is None:
-            with av.open(audio_from) as src:
-                a = _audio_stream(src)
-                what = f"the input's {a.codec_context.name} audio" if a is not None else what
-        raise OutputError(f"OUTPUT {path!r}: {what} cannot be stored in {ext} ({exc}); "
-                          "use .mkv, which holds any audio") from None
-    finally:
-        if writer is not None:
-            writer.abort()
-
-
-class FrameFolderWriter:
-    """Writes marked PNG frames ``000000.png``, ``000001.png``, ... into ``folder`` (a temporary of the caller's)."""
-
-    NAMES = r"\d{6}\.png"
-
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
-        self.count = 0
-
-    def write(self, frame: Tensor, time: fractions.Fraction | None = None) -> None:
-        from megan_fast.images import save_png
-
-        save_png(frame, os.path.join(self.folder, f"{self.count:06d}.png"))
-        self.count += 1
+        rgb = frame.to_ndarray(format="rgb48le" if deep else "rgb24",
+                               src_color_range=int(frame.color_range) or None)
+    except (ValueError, av.error.FFmpegError) as exc:
+        raise VideoError(f"{path}: cannot convert pixel format {frame.format.name!r} to RGB ({exc})") from None
+    return torch.from_numpy(rgb.astype("float32")).permute(2, 0, 1).div_(65535 if deep else 255)
