@@ -142,11 +142,14 @@ def evaluate(
     baselines: bool = True,
     progress: Callable[[str], None] | None = None,
     rate: int = 2,
+    world=None,
 ) -> dict:
     """Scores ``model`` on (name, gt (T, 3, H, W), lq or None) clips; returns the JSON-ready report.
 
     ``rate``: ground-truth frames per input frame (2: the protocol above; more: TMNet's in-between frames
-    at times i/rate, scored per time too).
+    at times i/rate, scored per time too).  ``world`` (:class:`megan_fast.distributed.World`, several
+    processes): ``clips`` are this process's share (the clips' indices as given to it), their scores are
+    gathered and every process returns the report one process would make, clips in the same order.
     """
     from megan_fast.data.imresize import imresize
 
@@ -159,9 +162,8 @@ def evaluate(
         with torch.no_grad():
             return run_window(model, lq.unsqueeze(0).to(device), tile, tile_overlap, times=times)[0].float().cpu()
 
-    report: dict = {"clips": {}, "average": {}}
-    base: dict = {"clips": {}, "average": {}}
-    for name, gt, lq in clips:
+    records = []  # (index, name, score, baseline score or None)
+    for index, (name, gt, lq) in clips if world is not None else enumerate(clips):
         n_clip = n_in  # a clip shorter than one window: the inputs it has, where the architecture allows
         if gt.shape[0] < t_out:
             try:
@@ -173,15 +175,20 @@ def evaluate(
             lq = imresize(gt, scale=0.25)
         phases: dict[int, int] | None = {} if rate > 2 else None
         preds = predict_clip(predict, gt, lq, n_clip, rate, phases)
-        report["clips"][name] = _as_dict(score_clip(preds, gt, phases, rate))
+        score = _as_dict(score_clip(preds, gt, phases, rate))
         if save_dir is not None:
             _save_frames(preds, os.path.join(save_dir, name))
+        blend_score = None
         if baselines:
             blend = predict_clip(lambda w: bicubic_blend(w, times), gt, lq, n_clip, rate)
-            base["clips"][name] = _as_dict(score_clip(blend, gt, phases, rate))
+            blend_score = _as_dict(score_clip(blend, gt, phases, rate))
+        records.append((index, name, score, blend_score))
         if progress is not None:
-            s = report["clips"][name]
-            progress(f"{name}: {s['psnr_y']:.2f} dB / {s['ssim_y']:.4f} over {s['frames']} frames")
+            progress(f"{name}: {score['psnr_y']:.2f} dB / {score['ssim_y']:.4f} over {score['frames']} frames")
+    if world is not None:  # every process's clips, in the order one process scores them
+        records = sorted(r for part in world.gather(records) for r in part)
+    report: dict = {"clips": {name: score for _, name, score, _ in records}, "average": {}}
+    base: dict = {"clips": {name: b for _, name, _, b in records if b is not None}, "average": {}}
     for rep in (report, base):
         if rep["clips"]:
             rep["average"] = _average(list(rep["clips"].values()))

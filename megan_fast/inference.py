@@ -20,7 +20,7 @@ streaming form :func:`iter_upscale` holds at most n_in input frames.
 from __future__ import annotations
 
 import collections
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -194,7 +194,8 @@ def iter_upscale(
     batch: int = 1,
     fixed_shape: bool = False,
     rate: int = 2,
-) -> Iterator[Tensor]:
+    need: Callable[[int, int], bool] | None = None,
+) -> Iterator[Tensor | None]:
     """Streams output frames of a clip given as an iterable of (3, H, W) input frames.
 
     Yields (3, 4H, 4W) frames in order, rate * (t - 1) + 1 of them (2t - 1 at
@@ -211,6 +212,12 @@ def iter_upscale(
     about 1e-7).  ``fixed_shape`` pads the last, partial batch so that every
     forward has one shape (for :func:`compile_model`); then every ``batch``
     of two or more gives identical frames.
+
+    ``need(j0, j1)``: whether any of the output frames j0 .. j1 - 1 is wanted
+    (resuming, or sharing a clip among processes); a forward whose frames are
+    all unwanted is not run and yields None for each of them.  The windows
+    and their grouping into forwards do not depend on it, so every frame that
+    is made equals the one a run of the whole clip makes, bit for bit.
     """
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
@@ -228,6 +235,13 @@ def iter_upscale(
         nonlocal emitted
         first = seen - len(buffer)  # input index of buffer[0]
         frames_ = list(buffer)
+        per_window = output_frames(n_in, rate - 1)
+        end = max(rate * s + per_window for s in starts)
+        if need is not None and not need(emitted, end):
+            for _ in range(emitted, end):
+                emitted += 1
+                yield None
+            return
         padded = starts + starts[-1:] * (windows_per_call - len(starts)) if fixed_shape else starts
         windows = torch.stack([torch.stack(frames_[s - first : s - first + n_in], 0) for s in padded], 0)
         with torch.no_grad():

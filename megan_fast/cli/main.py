@@ -126,6 +126,14 @@ def _one_line_warnings(name: str):
         warnings.showwarning = previous
 
 
+def _leave_processes(ok: bool) -> None:
+    """Under torchrun: leaves the process group (megan_fast.distributed), once torch is loaded anyway."""
+    if "torch.distributed" in sys.modules:
+        from megan_fast.distributed import finish_processes
+
+        finish_processes(ok)
+
+
 def main(argv: list[str] | None = None) -> int:
     from megan_fast import outputs
     from megan_fast.errors import MeganFastError
@@ -136,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.command == "bench":
                 resolve_device(args.device)
-            return args.func(args)
+            status = args.func(args)
+            _leave_processes(status == 0)
+            return status
         except MeganFastError as exc:
             print(f"{name}: error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
-from contextlib import nullcontext
 
 from megan_fast import outputs
 from megan_fast.cli import _common
@@ -110,16 +110,21 @@ def _clip_source(args: argparse.Namespace):
                  [os.path.join(ds.lq_seq_dir, key, f"im{i}.png") for i in range(1, 8, 2)] if ds.lq_seq_dir else None)
                 for key in ds.keys)
 
-            def vimeo():
+            def clip(i):
+                item = ds[i]  # test splits: whole septuplet, LR of frames 1, 3, 5, 7
+                if rate != 2:  # inputs every rate-th frame: the LR of every frame, made by the protocol
+                    return item["key"], item["gt"], None
+                # One 7-frame window whose inputs are the odd frames: the even slots are never read.
+                lq = item["lq"].new_zeros(7, *item["lq"].shape[1:])
+                lq[0::2] = item["lq"]
+                return item["key"], item["gt"], lq
+
+            def vimeo(select=None):
                 for i in range(len(ds)):
-                    item = ds[i]  # test splits: whole septuplet, LR of frames 1, 3, 5, 7
-                    if rate != 2:  # inputs every rate-th frame: the LR of every frame, made by the protocol
-                        yield item["key"], item["gt"], None
-                        continue
-                    # One 7-frame window whose inputs are the odd frames: the even slots are never read.
-                    lq = item["lq"].new_zeros(7, *item["lq"].shape[1:])
-                    lq[0::2] = item["lq"]
-                    yield item["key"], item["gt"], lq
+                    if select is None:
+                        yield clip(i)
+                    elif select(i):
+                        yield i, clip(i)
 
             return vimeo
         folders = data.VideoFolderClips(args.data, lq_root=args.lq, mode="eval")
@@ -130,6 +135,7 @@ def _clip_source(args: argparse.Namespace):
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from megan_fast.distributed import init_processes
     from megan_fast.evaluation import evaluate, format_table
     from megan_fast.inference import check_rate
 
@@ -150,7 +156,10 @@ def _eval(args: argparse.Namespace) -> int:
     overlap = _common.tile_overlap(args)
     if _common.is_onnx(args.checkpoint) and args.device is not None:
         raise UsageError("--device applies to PyTorch models; an ONNX --checkpoint runs on its --providers")
-    device = resolve_device("cpu" if _common.is_onnx(args.checkpoint) else args.device)
+    # torchrun: each process scores its share of the clips on its own device; the report is one process's.
+    if args.device is not None and not _common.is_onnx(args.checkpoint):
+        resolve_device(args.device)  # checked first: one line for a device this machine lacks
+    world, device = init_processes("cpu" if _common.is_onnx(args.checkpoint) else args.device)
     model = _common.load_model(args.checkpoint, device, providers=args.providers, onnx=True)
     try:
         check_rate(model, args.rate, "--rate")
@@ -158,17 +167,24 @@ def _eval(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     clips = _clip_source(args)
     try:
-        with frames_out.atomic_folder() if frames_out else nullcontext() as save_dir:
-            report = evaluate(model, clips(), device=device, tile=args.tile, tile_overlap=overlap, save_dir=save_dir,
+        with contextlib.ExitStack() as stack:
+            save_dir = None
+            if frames_out is not None:  # one folder for every process's frames, renamed by the first one
+                save_dir = world.broadcast(stack.enter_context(frames_out.atomic_folder()) if world.rank == 0
+                                           else None)
+            report = evaluate(model, clips(world.mine) if world.distributed else clips(), device=device,
+                              tile=args.tile, tile_overlap=overlap, save_dir=save_dir,
                               baselines=not args.no_baseline, progress=lambda s: print(s, file=sys.stderr),
-                              rate=args.rate)
+                              rate=args.rate, world=world if world.distributed else None)
+            world.barrier()  # every process's frames are written before the folder is renamed
     except (FileNotFoundError, ValueError) as exc:
         if isinstance(exc, outputs.OutputError):
             raise
         raise InputError(f"--data {args.data!r}: {exc}") from None
     if not report["clips"]:
         raise UsageError(f"--data {args.data!r}: no clips to score")
-    print(format_table(report))
-    if json_out is not None:
-        outputs.write_json(report, json_out, "eval")
+    if world.rank == 0:
+        print(format_table(report))
+        if json_out is not None:
+            outputs.write_json(report, json_out, "eval")
     return 0

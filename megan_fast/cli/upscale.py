@@ -1,33 +1,32 @@
-"""``megan-fast upscale INPUT OUTPUT``: a clip at K x the frame rate (default 2) and 4x the resolution.
+"""``megan-fast upscale INPUT [INPUT ...] OUTPUT``: clips at K x the frame rate (default 2) and 4x the resolution.
 
-Everything is checked before the model runs (OUTPUT's path and format, the
-input, the device, the checkpoint, that it can make the rate asked for, that
-the container takes the audio); the output is written to a temporary beside
-OUTPUT and renamed into place when complete (:mod:`megan_fast.outputs`).
-Output frame K*i is shown at input frame i's time and frame K*i + j at j/K of
-the way to the next, so a variable frame rate stays in step with the copied
-audio.
+Everything is checked before the model runs (each OUTPUT's path and format,
+the inputs, the device, the checkpoint, that it can make the rate asked for,
+that the container takes the audio and the encoder its settings).  One input
+gives OUTPUT; several (or a folder of videos) give one output each in the
+OUTPUT folder, a failed input is one line and the others go on, and one
+already complete is skipped.  A long output is made in segments kept beside
+it (:mod:`megan_fast.jobs`): the same command resumes after a crash, and
+under ``torchrun`` the processes share the segments.  Output frame K*i is
+shown at input frame i's time and frame K*i + j at j/K of the way to the
+next, so a variable frame rate stays in step with the copied audio.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fractions
-import functools
+import os
 import sys
-import time
-import warnings
 
 from megan_fast import outputs
 from megan_fast.cli import _common
-from megan_fast.cli._common import DEMO_CHECKPOINT, compute_dtype, frame_rate, int_at_least, resolve_device
-from megan_fast.errors import UsageError
-from megan_fast.video import FrameFolderWriter
+from megan_fast.cli._common import DEMO_CHECKPOINT, frame_rate, int_at_least
+from megan_fast.errors import MeganFastError, UsageError
 from megan_fast.video import parse_option as video_parse_option
 
-VIDEO_KIND = outputs.Kind("video file")
-FRAMES_KIND = outputs.Kind("folder of PNG frames", folder=True, entries=FrameFolderWriter.NAMES)
+# Extensions of the videos a folder of inputs is searched for (frame folders inside it are taken too).
+VIDEO_INPUTS = (".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".wmv",
+                ".flv", ".3gp", ".ogv", ".y4m", ".mxf", ".dv", ".nut", ".ivf", ".264", ".h264", ".265", ".hevc")
 
 
 def add_parser(sub) -> None:
@@ -37,14 +36,18 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "upscale",
         help="upscale a video file or frame folder (2x or, with --rate K, Kx frame rate; 4x resolution)",
-        description="Reads a video file (any format FFmpeg reads) or a folder of frames and writes a video "
-        "(H.264 in .mp4/.mov/.mkv, VP9 in .webm) or, for an OUTPUT without an extension, a folder of PNG frames, "
-        "with twice (--rate K: K times) the frame rate and four times the resolution, carrying the audio over "
-        "unchanged. The output is written to a temporary file and renamed on success.",
+        description="Reads a video file (any format FFmpeg reads), a folder of frames or y4m on standard input and "
+        "writes a video (H.264 in .mp4/.mov/.mkv, VP9 in .webm, or --codec), a folder of PNG frames (an OUTPUT "
+        "without an extension) or y4m on standard output, with twice (--rate K: K times) the frame rate and four "
+        "times the resolution, carrying the audio over unchanged. Several inputs (or a folder of videos) give one "
+        "output each in the OUTPUT folder. A long output is made in segments kept beside it, so that the same "
+        "command resumes after a crash; the output is renamed into place when complete.",
     )
-    p.add_argument("input", help="video file, folder of frames, or - for a YUV4MPEG2 stream on standard input")
-    p.add_argument("output", help=f"output video ({', '.join(VIDEO_OUTPUTS)}), folder for PNG frames, or - for "
-                   "YUV4MPEG2 on standard output")
+    p.add_argument("paths", nargs="+", metavar="INPUT [INPUT ...] OUTPUT",
+                   help="INPUT: a video file, a folder of frames, a folder of videos (or of frame folders), or - for "
+                   "a YUV4MPEG2 stream on standard input; OUTPUT: a video "
+                   f"({', '.join(VIDEO_OUTPUTS)}), a folder for PNG frames, or - for YUV4MPEG2 on standard output; "
+                   "with several inputs or a folder of videos, the folder that gets one output per input")
     p.add_argument("--checkpoint", default=None, help=f"{_common.CHECKPOINT_HELP}; default: the bundled "
                    "demo checkpoint")
     _common.add_tile_arguments(p)
@@ -75,155 +78,97 @@ def add_parser(sub) -> None:
                      help="an option of the encoder, as FFmpeg names it (repeatable), e.g. tune=grain")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUTPUT if it is an earlier megan-fast output (never anything else)")
+    many = p.add_argument_group("many inputs, resume, several processes (torchrun --nproc-per-node N -m megan_fast "
+                                "upscale ...)")
+    many.add_argument("--container", default=".mp4", help="with several inputs: the outputs' format, .mp4, .mov, "
+                      ".mkv, .webm, or png for folders of PNG frames (default .mp4)")
+    many.add_argument("--segment-frames", type=int_at_least(1), default=256,
+                      help="output frames per segment of a long output, each kept as soon as it is made so that "
+                      "the same command resumes after a crash (default 256)")
+    many.add_argument("--quiet", action="store_true", help="no progress bars or per-file lines (errors still show)")
     p.set_defaults(func=run)
 
 
-def _output_times(times: list[fractions.Fraction], j: int, rate: int) -> fractions.Fraction:
-    """Time of output frame j: input frame j/rate's, or r/rate of the way to the next for an in-between frame."""
-    i, r = divmod(j, rate)
-    return times[i] + (times[i + 1] - times[i]) * fractions.Fraction(r, rate) if r else times[i]
+def _inputs(paths: list[str]) -> tuple[list[str], bool]:
+    """The inputs (folders of videos expanded, in natural order) and whether there are many (OUTPUT a folder)."""
+    from megan_fast.images import list_frames, natural_key
+
+    found, many = [], len(paths) > 1
+    for path in paths:
+        if not path or not path.strip():
+            raise UsageError("INPUT is empty; give a video file, a folder of frames or - (standard input)")
+        if path != "-" and os.path.isdir(path) and not list_frames(path):  # a folder of videos (or frame folders)
+            entries = sorted(os.listdir(path), key=natural_key)
+            inner = [os.path.join(path, n) for n in entries if not n.startswith(".") and (
+                (os.path.isfile(os.path.join(path, n)) and n.lower().endswith(VIDEO_INPUTS))
+                or (os.path.isdir(os.path.join(path, n)) and list_frames(os.path.join(path, n))))]
+            if not inner:
+                raise UsageError(f"INPUT {path!r}: a folder with no frames, videos or frame folders in it")
+            found += inner
+            many = True
+        else:
+            found.append(path)
+    if many and "-" in found:
+        raise UsageError("INPUT -: standard input is one input; give it alone")
+    return found, many
+
+
+def _output_name(src: str, container: str) -> str:
+    stem = os.path.basename(os.path.normpath(src))
+    stem = os.path.splitext(stem)[0] if os.path.isfile(src) else stem
+    return stem if container == "png" else stem + container
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
+    from megan_fast.cli.upscale_file import Settings, upscale_file
+    from megan_fast.distributed import init_processes
+    from megan_fast.inference import check_rate_value
 
-    from megan_fast import video
-    from megan_fast.inference import TooShortError, check_rate, check_rate_value, clip_window
-
-    src = args.input
-    if not src or not src.strip():
-        raise UsageError("INPUT is empty; give a video file, a folder of frames or - (standard input)")
+    if len(args.paths) < 2:
+        raise UsageError("give an INPUT and an OUTPUT (or several INPUTs and an OUTPUT folder)")
+    sources, many = _inputs(args.paths[:-1])
+    output = args.paths[-1]
+    try:
+        check_rate_value(args.rate, "--rate")  # before reading anything; the model is asked once loaded
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     checkpoint = DEMO_CHECKPOINT if args.checkpoint is None else args.checkpoint
-    fmt = video.output_format(args.output) if args.output else None
-    to_pipe = fmt == video.PIPE
-    say = functools.partial(print, file=sys.stderr if to_pipe else sys.stdout)  # standard output: the stream only
-    out = None if to_pipe else outputs.check_output(
-        args.output, "OUTPUT", VIDEO_KIND if fmt else FRAMES_KIND,
-        inputs=[("INPUT", None if src == video.PIPE else src), ("--checkpoint", checkpoint)], overwrite=args.overwrite)
-    overlap = _common.tile_overlap(args)
-    if _common.is_onnx(checkpoint):  # ONNX Runtime runs the file: its providers pick the device
-        for option, value, default in (("--device", args.device, None), ("--dtype", args.dtype, "float32"),
-                                       ("--compile", args.compile, "none")):
-            if value != default:
-                raise UsageError(f"{option} applies to PyTorch models; an ONNX --checkpoint runs on its "
-                                 "--providers, in the dtype it was exported in")
-    if not fmt:
-        for option, value in (("--codec", args.codec), ("--crf", args.crf), ("--preset", args.preset),
-                              ("--pix-fmt", args.pix_fmt), ("--encoder-option", args.encoder_option)):
-            if value is not None and value != []:
-                raise UsageError(f"{option} applies to a video OUTPUT; PNG frames are written losslessly (16-bit "
-                                 "for inputs of more than 8 bits)")
-    device = resolve_device("cpu" if _common.is_onnx(checkpoint) else args.device)
-    dtype = compute_dtype(device, args.dtype)
-    try:
-        check_rate_value(args.rate, "--rate")  # before reading the input; the model is asked once loaded
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    reader = video.FrameReader(src, folder_fps=args.fps)
-    info = reader.open_pipe() if src == video.PIPE else video.probe(src, folder_fps=args.fps)
-    out_w, out_h = 4 * info.width, 4 * info.height
-    encoder = None
-    if fmt:
-        if fmt in (".mkv", ".webm") and info.fps * args.rate > 1000:
-            raise UsageError(f"--rate {args.rate}: {float(info.fps * args.rate):g} fps needs timestamps finer than "
-                             f"the millisecond that {fmt} stores; write .mp4 or .mov")
-        encoder = video.choose_encoder(fmt, args.codec, args.crf, args.preset, args.pix_fmt, args.encoder_option,
-                                       bits=info.bits, source_pix_fmt=info.pix_fmt)
-        if to_pipe:
-            if info.has_audio:
-                warnings.warn(f"{src}: its audio is not written: a YUV4MPEG2 stream holds video only (mux the "
-                              "input's audio downstream, e.g. ffmpeg -i - -i INPUT -map 0:v -map 1:a)", stacklevel=1)
-        else:
-            video.check_video_output(args.output, out_w, out_h, src if info.has_audio else None, encoder)
-    model = _common.load_model(checkpoint, device, providers=args.providers, onnx=True)
-    try:
-        check_rate(model, args.rate, "--rate")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if info.num_frames is not None:
+    if not many:
+        settings = Settings.from_args(args, checkpoint, None)
+        return 0 if upscale_file(settings, sources[0], output, many=False).ok else 1
+    container = args.container.lower()
+    if container not in (".mp4", ".mov", ".mkv", ".webm", "png"):
+        raise UsageError(f"--container {args.container!r}: expected .mp4, .mov, .mkv, .webm or png")
+    if output == "-" or os.path.splitext(output)[1].lower() in (".mp4", ".mov", ".mkv", ".webm"):
+        raise UsageError(f"OUTPUT {output!r}: with several inputs OUTPUT is the folder that gets one output each "
+                         f"(named after its input, --container {args.container})")
+    names = [_output_name(s, container) for s in sources]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"two inputs would both be written to {twice[0]!r} in OUTPUT; rename one of them")
+    out_dir = outputs.check_output(output, "OUTPUT", outputs.Kind("folder of outputs", folder=True),
+                                   inputs=[("INPUT", s) for s in sources] + [("--checkpoint", checkpoint)],
+                                   existing="keep", make_parents=False)
+    world, _ = init_processes(None if args.device is None else str(args.device))
+    if world.rank == 0:
+        os.makedirs(out_dir.path, exist_ok=True)
+    world.barrier()
+    settings = Settings.from_args(args, checkpoint, world)
+    done = skipped = 0
+    failed = []
+    for i, src in enumerate(sources):
+        target = os.path.join(output, names[i])
         try:
-            clip_window(model, info.num_frames)
-        except TooShortError as exc:
-            raise TooShortError(f"{src}: {exc}") from None
-    if info.orientation:
-        say(f"{src}: the video is shown {info.orientation}; the frames are turned to match")
-    if info.dropped_streams:
-        warnings.warn(f"{src}: {info.dropped_streams} subtitle, data or further video stream(s) are not copied "
-                      "(the first video stream and every audio stream are)", stacklevel=1)
-    if device.type == "cpu":
-        # Recurrent states of small models decay into denormal floats, which slow CPU arithmetic ~10x.
-        torch.set_flush_denormal(True)
-    start = time.perf_counter()
-    try:
-        with contextlib.nullcontext(video.PIPE) if to_pipe else (out.atomic_file() if fmt else out.atomic_folder()) \
-                as tmp, tqdm(unit="frame", desc="upscale", disable=None) as bar:
-            if fmt:
-                writer = video.VideoWriter(tmp, info.fps * args.rate, out_w, out_h,
-                                           audio_from=src if info.has_audio and not to_pipe else None,
-                                           time_base=info.time_base / args.rate, fmt=fmt, command="upscale",
-                                           encoder=encoder, colour=info.colour)
-            else:
-                writer = video.FrameFolderWriter(tmp, bits=info.bits)
-            _upscale(args, model, reader, writer, info, device, dtype, overlap, bar)
-    except TooShortError as exc:  # fewer decodable frames than the model needs
-        raise TooShortError(f"{src}: {exc}") from None
-    except torch.OutOfMemoryError:
-        raise UsageError(f"out of memory on {device}; try --tile 128 (or smaller) to process the frames in "
-                         "tiles") from None
-    except RuntimeError as exc:
-        if "can't allocate memory" not in str(exc) and "DefaultCPUAllocator" not in str(exc):
-            raise
-        raise UsageError("out of memory on the CPU; try --tile 128 (or smaller) to process the frames in "
-                         "tiles") from None
-    for message in reader.warnings():
-        warnings.warn(message, stacklevel=1)
-    elapsed = time.perf_counter() - start
-    depth = "" if info.bits <= 8 else f", {info.bits}-bit"
-    say(f"upscaled {reader.decoded} frames ({info.width}x{info.height}, {float(info.fps):g} fps{depth}) -> "
-        f"{writer.count} frames ({out_w}x{out_h}, {float(info.fps * args.rate):g} fps) in {elapsed:.1f} s "
-        f"({writer.count / elapsed:.2f} frames/s); wrote {'standard output' if to_pipe else args.output}")
-    return 0
-
-
-def _upscale(args, model, reader, writer, info, device, dtype, overlap, bar) -> None:
-    """Decodes ahead of the model and encodes behind it, each in its own thread (megan_fast/background.py)."""
-    import torch
-
-    from megan_fast.background import BackgroundWriter, prefetch
-    from megan_fast.inference import compile_model, iter_upscale
-    from megan_fast.models.config import output_frames
-
-    times: list[fractions.Fraction] = []
-
-    def frames():
-        for t, frame in reader:
-            times.append(t)
-            yield frame
-
-    rate = args.rate
-    bar.total = output_frames(info.num_frames, rate - 1) if info.num_frames else None
-    feed = prefetch(frames())
-    background = BackgroundWriter(writer.write)
-    closes = hasattr(writer, "close")  # a video's encoder and container (a frame folder has nothing to close)
-    try:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            if args.compile != "none":
-                print(f"compiling the model (torch.compile, mode {args.compile}): the first window takes "
-                      f"{'minutes on a CPU' if device.type == 'cpu' else 'a minute or more'}", file=sys.stderr)
-            net = compile_model(model, args.compile)
-            for j, frame in enumerate(iter_upscale(net, feed, tile=args.tile, tile_overlap=overlap, device=device,
-                                                   batch=args.batch, fixed_shape=args.compile != "none", rate=rate)):
-                outputs.raise_if_signalled()
-                background.write(frame, _output_times(times, j, rate))
-                bar.update(1)
-        background.close()
-        if closes:
-            writer.close()
-    except BaseException:
-        background.abort()
-        if closes:
-            writer.abort()
-        raise
-    finally:
-        feed.close()
+            result = upscale_file(settings, src, target, many=True, inputs=sources, index=i)
+        except (MeganFastError, OSError) as exc:
+            text = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.strerror else str(exc)
+            text = " ".join(text.split())
+            print(f"megan-fast upscale: error: {text if text.startswith(src) else f'{src}: {text}'}", file=sys.stderr)
+            failed.append(src)
+            continue
+        done += result.ok and not result.skipped
+        skipped += result.skipped
+    if world.rank == 0 and not args.quiet or failed:
+        print(f"{len(sources)} inputs: {done} upscaled, {skipped} already complete (skipped), {len(failed)} failed"
+              + (f" ({', '.join(map(os.path.basename, failed))})" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0

@@ -343,7 +343,11 @@ class VideoFolderClips(Dataset):
         _check_lq_size(gt, lq, self.scale, self.gt_paths[name][0], self.lq_paths[name][0])
         return gt, lq
 
-    def iter_clips(self) -> Iterator[tuple[str, Tensor, Tensor | None]]:
-        """Yields (name, gt, lq or None) per clip, the input of :func:`megan_fast.evaluation.evaluate`."""
-        for name in self.gt_paths:
-            yield (name, *self.clip_frames(name))
+    def iter_clips(self, select=None) -> Iterator[tuple[str, Tensor, Tensor | None]]:
+        """Yields (name, gt, lq or None) per clip, the input of :func:`megan_fast.evaluation.evaluate`; with
+        ``select(index)``: only the clips it selects, as (index, (name, gt, lq)), the others not read."""
+        for index, name in enumerate(self.gt_paths):
+            if select is None:
+                yield (name, *self.clip_frames(name))
+            elif select(index):
+                yield index, (name, *self.clip_frames(name))

@@ -22,6 +22,7 @@ from torch import nn
 
 from megan_fast import outputs
 from megan_fast._checks import check_int as _int
+from megan_fast.distributed import init_processes
 from megan_fast.errors import CheckpointError, ConfigError
 from megan_fast.models import MEGAN
 from megan_fast.training.checkpoints import latest_checkpoint, load_checkpoint, restore, save_checkpoint
@@ -43,23 +44,6 @@ class TrainResult:
     last_loss: float
     checkpoint: str | None
     val_psnr: float | None
-
-
-def init_processes(device: str | None):
-    """(distributed, rank, world size, torch.device) of this process (torchrun sets WORLD_SIZE, LOCAL_RANK)."""
-    distributed = dist.is_available() and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
-    if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if dev.index is None:  # "cuda": this process's GPU
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(dev)
-    return distributed, rank, world, dev
 
 
 def _tensorboard(out_dir: str):
@@ -123,7 +107,8 @@ class Trainer:
         a run depend on it); raises ConfigError, OutputError or CheckpointError before anything is written
         (docs/DESIGN.md section 5).  :meth:`fit` calls it if it was not called before."""
         cfg = self.config
-        self.distributed, self.rank, self.world, self.device = init_processes(self._device)
+        world, self.device = init_processes(self._device)
+        self.distributed, self.rank, self.world = world.distributed, world.rank, world.size
         torch.manual_seed(cfg.seed + self.rank)
         self.out = check_output_dir(cfg, self.resume, self.inputs)
         self.train_set, self.val_set = self.build_datasets()

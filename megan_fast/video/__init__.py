@@ -7,10 +7,11 @@ stream on standard input or output (docs/DESIGN.md section 5).
 """
 
 from megan_fast.video.encoders import VIDEO_OUTPUTS, Encoder, choose_encoder, parse_option
-from megan_fast.video.reading import PIPE, Colour, FrameReader, VideoError, VideoInfo, probe, read_frames
+from megan_fast.video.reading import PIPE, Colour, FrameReader, VideoError, VideoInfo, count_frames, probe, read_frames
 from megan_fast.video.writing import (UNSUPPORTED_OUTPUTS, FrameFolderWriter, VideoWriter, check_video_output,
-                                      output_format)
+                                      join_segments, output_format)
 
 __all__ = ["Colour", "Encoder", "FrameFolderWriter", "FrameReader", "PIPE", "UNSUPPORTED_OUTPUTS", "VIDEO_OUTPUTS",
-           "VideoError", "VideoInfo", "VideoWriter", "check_video_output", "choose_encoder", "output_format",
+           "VideoError", "VideoInfo", "VideoWriter", "check_video_output", "choose_encoder", "count_frames", "join_segments",
+           "output_format",
            "parse_option", "probe", "read_frames"]

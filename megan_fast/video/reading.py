@@ -333,6 +333,19 @@ class FrameReader:
         return out
 
 
+def count_frames(path: str) -> int:
+    """The frames of a video file (its video packets, counted without decoding) or frame folder."""
+    if os.path.isdir(path):
+        return len(list_frames(path))
+    import av
+
+    try:
+        with av.open(path) as container:
+            return sum(1 for p in container.demux(container.streams.video[0]) if p.size)
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise VideoError(f"{path}: cannot be read as a video ({exc})") from None
+
+
 def read_frames(path: str, folder_fps: float = 25.0) -> Iterator[Tensor]:
     """Yields the frames of a video file or frame folder, decoded one at a time (see :class:`FrameReader`)."""
     for _, frame in FrameReader(path, folder_fps):

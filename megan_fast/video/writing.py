@@ -95,7 +95,7 @@ class VideoWriter:
         # YUV4MPEG2 of more than 8 bits (C420p10, ...) is an extension FFmpeg writes only when told it may.
         options = {"strict": "-1"} if self.encoder.muxer == "yuv4mpegpipe" else {}
         self.container = av.open(target, mode="w", format=self.encoder.muxer, options=options)
-        self._audio_src = None
+        self.audio = None
         try:
             if path != PIPE:
                 self.container.metadata["comment"] = written_by(command)
@@ -110,41 +110,13 @@ class VideoWriter:
                 cc.color_primaries, cc.color_trc = self.colour.primaries, self.colour.trc
                 cc.colorspace, cc.color_range = self.colour.matrix, self.colour.range
             # Every stream must exist before the first packet is written.
-            self.out_audio: dict[int, object] = {}  # input stream index -> output stream
-            if audio_from is not None:
-                self._audio_src = av.open(audio_from)
-                sources = list(self._audio_src.streams.audio)
-                for src in sources:
-                    self.out_audio[src.index] = self.container.add_stream_from_template(src)
-                if sources:
-                    self._audio_packets = self._audio_src.demux(*sources)
-                    self._pending = None
+            self.audio = _AudioCopy(self.container, audio_from)
+            self.audio.add_streams()
         except BaseException:
             self.abort()
             raise
         self.count = 0
         self._last_pts = None
-
-    def _mux_audio(self, until: float | None) -> None:
-        """Copies audio packets (of every audio stream, in file order) up to ``until`` seconds (None: the rest)."""
-        if not self.out_audio:
-            return
-        while True:
-            packet = self._pending
-            if packet is None:
-                packet = next(self._audio_packets, None)
-                if packet is None:
-                    self.out_audio = {}
-                    return
-            if packet.dts is None:  # the demuxer's end-of-stream marker
-                self._pending = None
-                continue
-            if until is not None and packet.pts is not None and float(packet.pts * packet.time_base) > until:
-                self._pending = packet
-                return
-            self._pending = None
-            packet.stream = self.out_audio[packet.stream.index]
-            self.container.mux(packet)
 
     def _video_frame(self, frame: Tensor):
         """The RGB frame as the encoder's pixel format: 8-bit RGB for 8-bit outputs (today's path), 16-bit RGB
@@ -161,14 +133,17 @@ class VideoWriter:
                            else None, dst_color_range=self.colour.range or None,
                            dst_color_trc=self.colour.trc, dst_color_primaries=self.colour.primaries)
 
-    def write(self, frame: Tensor, time: fractions.Fraction | None = None) -> None:
+    def write(self, frame: Tensor, time: fractions.Fraction | None = None, pts: int | None = None) -> None:
+        """Encodes a frame shown at ``time`` (None: at the constant rate), or at ``pts`` in :attr:`time_base`
+        when the caller numbers the frames itself (segments of one output)."""
         vf = self._video_frame(frame)
-        pts = round(time / self.time_base) if time is not None else round(self.count / self.fps / self.time_base)
-        if self._last_pts is not None and pts <= self._last_pts:
-            pts = self._last_pts + 1
+        if pts is None:
+            pts = round(time / self.time_base) if time is not None else round(self.count / self.fps / self.time_base)
+            if self._last_pts is not None and pts <= self._last_pts:
+                pts = self._last_pts + 1
         vf.pts, vf.time_base = pts, self.time_base
         self._last_pts = pts
-        self._mux_audio(float(pts * self.time_base))
+        self.audio.until(float(pts * self.time_base))
         for packet in self.stream.encode(vf):
             self.container.mux(packet)
         self.count += 1
@@ -176,18 +151,17 @@ class VideoWriter:
     def close(self) -> None:
         for packet in self.stream.encode():
             self.container.mux(packet)
-        self._mux_audio(None)
+        self.audio.until(None)
         self.container.close()
-        if self._audio_src is not None:
-            self._audio_src.close()
+        self.audio.close()
 
     def abort(self) -> None:
-        for c in (self.container, self._audio_src):
-            try:
-                if c is not None:
-                    c.close()
-            except Exception:  # the container may be unusable after an error
-                pass
+        try:
+            self.container.close()
+        except Exception:  # the container may be unusable after an error
+            pass
+        if getattr(self, "audio", None) is not None:
+            self.audio.close()
 
 
 def try_encoder(encoder: Encoder, audio_from: str | None = None, width: int = 64, height: int = 64) -> str | None:
@@ -203,7 +177,7 @@ def try_encoder(encoder: Encoder, audio_from: str | None = None, width: int = 64
         writer.write(torch.zeros(3, height, width))
         for packet in writer.stream.encode():
             writer.container.mux(packet)
-        writer._mux_audio(0.1)
+        writer.audio.until(0.1)
     except (av.error.FFmpegError, ValueError) as exc:
         return str(exc)
     finally:
@@ -254,17 +228,98 @@ def check_video_output(path: str, width: int, height: int, audio_from: str | Non
 
 class FrameFolderWriter:
     """Writes marked PNG frames ``000000.png``, ``000001.png``, ... into ``folder`` (a temporary of the caller's):
-    8-bit, or 16-bit for inputs of more than 8 bits (``bits``)."""
+    8-bit, or 16-bit for inputs of more than 8 bits (``bits``); ``start``: the first frame's number."""
 
     NAMES = r"\d{6}\.png"
 
-    def __init__(self, folder: str, bits: int = 8) -> None:
+    def __init__(self, folder: str, bits: int = 8, start: int = 0) -> None:
         self.folder = folder
         self.bits = 16 if bits > 8 else 8
+        self.start = start
         self.count = 0
 
-    def write(self, frame: Tensor, time: fractions.Fraction | None = None) -> None:
+    def write(self, frame: Tensor, time: fractions.Fraction | None = None, pts: int | None = None) -> None:
         from megan_fast.images import save_png, save_png16
 
-        (save_png16 if self.bits == 16 else save_png)(frame, os.path.join(self.folder, f"{self.count:06d}.png"))
+        name = f"{self.start + self.count:06d}.png"
+        (save_png16 if self.bits == 16 else save_png)(frame, os.path.join(self.folder, name))
         self.count += 1
+
+
+def join_segments(segments: list[str], path: str, fmt: str, audio_from: str | None = None,
+                  command: str | None = None) -> int:
+    """Writes the video of ``segments`` (files of one encoder, frames numbered in one time base) into ``path``
+    (a video of extension ``fmt``), packet for packet, with the audio of ``audio_from`` interleaved as
+    :class:`VideoWriter` does; returns the frames written.  Nothing is encoded again: the output decodes as
+    the segments do."""
+    import av
+
+    from megan_fast.outputs import written_by
+
+    muxer = VIDEO_OUTPUTS[fmt][0]
+    container = av.open(path, mode="w", format=muxer)
+    audio = _AudioCopy(container, audio_from)
+    count = 0
+    try:
+        container.metadata["comment"] = written_by(command)
+        with av.open(segments[0]) as first:
+            stream = container.add_stream_from_template(first.streams.video[0])
+        audio.add_streams()
+        for segment in segments:
+            with av.open(segment) as src:
+                for packet in src.demux(src.streams.video[0]):
+                    if packet.size == 0:  # the demuxer's end-of-stream marker
+                        continue
+                    if packet.pts is not None:
+                        audio.until(float(packet.pts * packet.time_base))
+                    packet.stream = stream
+                    container.mux(packet)
+                    count += 1
+        audio.until(None)
+        container.close()
+    except BaseException:
+        audio.close()
+        try:
+            container.close()
+        except Exception:  # the container may be unusable after an error
+            pass
+        raise
+    audio.close()
+    return count
+
+
+class _AudioCopy:
+    """The audio streams of ``source`` copied packet for packet into ``container``, up to a time at a call."""
+
+    def __init__(self, container, source: str | None) -> None:
+        self.container, self.source, self.streams, self.src, self.pending = container, source, {}, None, None
+
+    def add_streams(self) -> None:
+        import av
+
+        if self.source is None:
+            return
+        self.src = av.open(self.source)
+        sources = list(self.src.streams.audio)
+        for s in sources:
+            self.streams[s.index] = self.container.add_stream_from_template(s)
+        self.packets = self.src.demux(*sources) if sources else iter(())
+
+    def until(self, seconds: float | None) -> None:
+        while self.streams:
+            packet = self.pending or next(self.packets, None)
+            self.pending = None
+            if packet is None:
+                self.streams = {}
+                return
+            if packet.dts is None:
+                continue
+            if seconds is not None and packet.pts is not None and float(packet.pts * packet.time_base) > seconds:
+                self.pending = packet
+                return
+            packet.stream = self.streams[packet.stream.index]
+            self.container.mux(packet)
+
+    def close(self) -> None:
+        if self.src is not None:
+            self.src.close()
