@@ -41,3 +41,12 @@ class OutputError(MeganFastError, ValueError):
 
 class UsageError(MeganFastError, ValueError):
     """A command-line argument of the wrong kind or out of range (a device that does not exist, say)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """What ``megan-fast`` prints for ``exc``: its message on one line (an ``OSError`` as ``reason: file``), then
+    its notes (what was kept and how to go on), separated by ``; ``."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return "; ".join(" ".join(part.split()) for part in (text, *getattr(exc, "__notes__", ())) if part.strip())

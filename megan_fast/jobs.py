@@ -15,6 +15,7 @@ all inputs are dealt out among the processes (:class:`megan_fast.distributed.Wor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -75,7 +76,11 @@ class Job:
 
     @property
     def folder(self) -> str:
-        return os.path.join(os.path.dirname(self.output), WORK_PREFIX + os.path.basename(self.output))
+        name = os.path.basename(self.output)
+        if len(os.fsencode(WORK_PREFIX + name)) > 255:  # NAME_MAX: a long output name keeps its start and a digest
+            digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+            name = os.fsdecode(os.fsencode(name)[:160]).rstrip("\ufffd") + "-" + digest
+        return os.path.join(os.path.dirname(self.output), WORK_PREFIX + name)
 
     @property
     def count(self) -> int:
@@ -142,6 +147,17 @@ class Job:
     def segments(self) -> list[str]:
         """The made segments' paths, in order (empty ones left out)."""
         return [self.segment_path(k) for k in range(self.count) if os.path.exists(self.segment_path(k))]
+
+    def started(self) -> bool:
+        """Whether a segment was made (a run stopped now can be resumed from it)."""
+        return any(self.done(k) for k in range(self.count))
+
+    def remove_unstarted(self) -> None:
+        """Removes the work folder when it holds nothing but its job file and temporaries (a run stopped before its
+        first segment was made)."""
+        with contextlib.suppress(OSError):
+            if all(n == JOB_NAME or outputs.TMP_NAME.fullmatch(n) for n in os.listdir(self.folder)):
+                self.remove()
 
     def remove(self) -> None:
         """Removes the work folder: only what megan-fast put there (its job file, segments, temporaries)."""

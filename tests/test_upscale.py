@@ -84,16 +84,23 @@ def test_interrupted_run_leaves_no_output(tmp_path, checkpoint, monkeypatch):
     calls = {"n": 0}
     original = video.VideoWriter.write
 
-    def flaky(self, frame, time=None):
-        calls["n"] += 1
+    def flaky(self, frame, **kwargs):
+        calls["n"] += "pts" in kwargs  # frames of the output's segments (not the encoder's trial frame)
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        original(self, frame, time)
+        original(self, frame, **kwargs)
 
     monkeypatch.setattr(video.VideoWriter, "write", flaky)
-    assert main(["upscale", src, str(dst), "--checkpoint", checkpoint]) == 130
+    args = ["upscale", src, str(dst), "--checkpoint", checkpoint, "--segment-frames", "2"]
+    assert main(args) == 130
     assert not dst.exists()
-    assert [n for n in os.listdir(tmp_path) if n.startswith(".megan-fast-")] == []
+    # Kept for the next run: the work folder with its finished segment, and no temporary anywhere.
+    assert _leftovers(tmp_path) == [".megan-fast-work-out.mp4"]
+    work = tmp_path / ".megan-fast-work-out.mp4"
+    assert not [n for n in os.listdir(work) if n.startswith(".megan-fast-")]
+    monkeypatch.setattr(video.VideoWriter, "write", original)
+    assert main(args) == 0
+    assert dst.exists() and _leftovers(tmp_path) == []
 
 
 # --------------------------------------------------------------------------- output safety
@@ -238,7 +245,11 @@ def test_signals_remove_the_temporary_and_print_one_line(tmp_path, checkpoint, s
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "nothing half-written" in err
-    assert sorted(os.listdir(tmp_path)) == ["long.mp4"]
+    # The work folder stays only when it holds a finished segment (the line says so), never a temporary.
+    kept = _leftovers(tmp_path)
+    assert kept in ([], [f".megan-fast-work-{out_name}"]), kept
+    if kept:
+        assert "the same command resumes" in err and not _leftovers(tmp_path / kept[0]), err
 
 
 # --------------------------------------------------------------------------- input fidelity

@@ -16,7 +16,8 @@ from megan_fast.cli import _common
 from megan_fast.errors import UsageError
 
 # Names that promise a single weights file; convert writes a folder, which such a name would misdescribe.
-WEIGHT_FILE_EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".onnx", ".json")
+WEIGHT_FILE_EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".onnx", ".json", ".h5", ".npz", ".gguf", ".tar",
+                          ".zip", ".pkl")
 MODEL_KIND = outputs.MODEL_FOLDER_KIND
 
 

@@ -136,7 +136,7 @@ def _leave_processes(ok: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from megan_fast import outputs
-    from megan_fast.errors import MeganFastError
+    from megan_fast.errors import MeganFastError, one_line
 
     args = build_parser().parse_args(argv)
     name = f"megan-fast {args.command}"
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             _leave_processes(status == 0)
             return status
         except MeganFastError as exc:
-            print(f"{name}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            print(f"{name}: error: {one_line(exc)}", file=sys.stderr)
             return 2
         except BrokenPipeError:  # OUTPUT -: the program reading standard output stopped reading
             outputs.remove_leftovers()
@@ -159,18 +159,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: error: the program reading standard output closed it; stopped", file=sys.stderr)
             return 1
         except OSError as exc:  # the file system refused (read-only, full, permissions)
-            where = f": {exc.filename}" if exc.filename else ""
-            print(f"{name}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+            print(f"{name}: error: {one_line(exc)}", file=sys.stderr)
             return 1
         except (KeyboardInterrupt, outputs.Terminated) as exc:
             outputs.remove_leftovers()
             interrupted = type(exc)  # not the exception: its traceback would keep the command's objects alive
+            kept = "".join(f"; {note}" for note in getattr(exc, "__notes__", ()))
             if argv is None:  # the process is ending: a repeated signal must not break its teardown
                 outputs.ignore_signals_after()
     if interrupted is KeyboardInterrupt:
-        print(f"{name}: interrupted; nothing half-written was left", file=sys.stderr)
+        print(f"{name}: interrupted; nothing half-written was left{kept}", file=sys.stderr)
         return 130
-    print(f"{name}: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
+    print(f"{name}: terminated (SIGTERM); nothing half-written was left{kept}", file=sys.stderr)
     return 143
 
 

@@ -21,7 +21,7 @@ import sys
 from megan_fast import outputs
 from megan_fast.cli import _common
 from megan_fast.cli._common import DEMO_CHECKPOINT, frame_rate, int_at_least
-from megan_fast.errors import MeganFastError, UsageError
+from megan_fast.errors import MeganFastError, UsageError, one_line
 from megan_fast.video import parse_option as video_parse_option
 
 # Extensions of the videos a folder of inputs is searched for (frame folders inside it are taken too).
@@ -43,11 +43,13 @@ def add_parser(sub) -> None:
         "output each in the OUTPUT folder. A long output is made in segments kept beside it, so that the same "
         "command resumes after a crash; the output is renamed into place when complete.",
     )
-    p.add_argument("paths", nargs="+", metavar="INPUT [INPUT ...] OUTPUT",
-                   help="INPUT: a video file, a folder of frames, a folder of videos (or of frame folders), or - for "
-                   "a YUV4MPEG2 stream on standard input; OUTPUT: a video "
-                   f"({', '.join(VIDEO_OUTPUTS)}), a folder for PNG frames, or - for YUV4MPEG2 on standard output; "
-                   "with several inputs or a folder of videos, the folder that gets one output per input")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="a video file, a folder of frames, a folder of videos (or of frame folders), or - for a "
+                   "YUV4MPEG2 stream on standard input")
+    p.add_argument("output", metavar="OUTPUT",
+                   help=f"a video ({', '.join(VIDEO_OUTPUTS)}), a folder for PNG frames, or - for YUV4MPEG2 on "
+                   "standard output; with several inputs or a folder of videos, the folder that gets one output "
+                   "per input")
     p.add_argument("--checkpoint", default=None, help=f"{_common.CHECKPOINT_HELP}; default: the bundled "
                    "demo checkpoint")
     _common.add_tile_arguments(p)
@@ -124,10 +126,8 @@ def run(args: argparse.Namespace) -> int:
     from megan_fast.distributed import init_processes
     from megan_fast.inference import check_rate_value
 
-    if len(args.paths) < 2:
-        raise UsageError("give an INPUT and an OUTPUT (or several INPUTs and an OUTPUT folder)")
-    sources, many = _inputs(args.paths[:-1])
-    output = args.paths[-1]
+    sources, many = _inputs(args.inputs)
+    output = args.output
     try:
         check_rate_value(args.rate, "--rate")  # before reading anything; the model is asked once loaded
     except ValueError as exc:
@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     if twice:
         raise UsageError(f"two inputs would both be written to {twice[0]!r} in OUTPUT; rename one of them")
     out_dir = outputs.check_output(output, "OUTPUT", outputs.Kind("folder of outputs", folder=True),
-                                   inputs=[("INPUT", s) for s in sources] + [("--checkpoint", checkpoint)],
+                                   inputs=[("INPUT", s) for s in dict.fromkeys([*args.inputs, *sources]) if s != "-"]
+                                   + [("--checkpoint", checkpoint)],
                                    existing="keep", make_parents=False)
     world, _ = init_processes(None if args.device is None else str(args.device))
     if world.rank == 0:
@@ -161,8 +162,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = upscale_file(settings, src, target, many=True, inputs=sources, index=i)
         except (MeganFastError, OSError) as exc:
-            text = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.strerror else str(exc)
-            text = " ".join(text.split())
+            text = one_line(exc)
             print(f"megan-fast upscale: error: {text if text.startswith(src) else f'{src}: {text}'}", file=sys.stderr)
             failed.append(src)
             continue

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import fractions
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -279,7 +280,23 @@ def _segmented(st: Settings, reader, info, out, fmt, encoder, src, index) -> int
             job.open(create=True)
     except (OutputError, OSError) as exc:
         error = exc
-    _agree(world, error)
+    try:
+        _agree(world, error)
+        return _run_job(st, reader, info, out, fmt, encoder, src, index, job)
+    except BaseException as exc:
+        if isinstance(exc, OSError) and exc.strerror and str(exc.filename or "").startswith(job.folder + os.sep):
+            # The disk refused a file of the work folder: the user knows the output, not that folder's inside.
+            exc = OSError(exc.errno, exc.strerror, out.path)
+        if job.started():
+            exc.add_note(f"the finished segments are kept in {job.folder}: the same command resumes")
+        else:
+            job.remove_unstarted()
+        raise exc
+
+
+def _run_job(st: Settings, reader, info, out, fmt, encoder, src, index, job) -> int:
+    """Makes the segments missing from ``job`` (shared among the processes), then one process joins them."""
+    args, world = st.args, st.world
     made = job.open(create=False)
     if made and not args.quiet and world.rank == 0:
         st.say(f"{out.shown}: resuming: {made} of {job.count} segments were made before")
@@ -295,7 +312,7 @@ def _segmented(st: Settings, reader, info, out, fmt, encoder, src, index) -> int
     error, count = None, 0
     try:
         if world.mine(index):
-            count = _join(job, out, fmt, src if info.has_audio else None)
+            count = _join(job, out, fmt, src if info.has_audio else None, info.fps * args.rate)
     except (InputError, OutputError, OSError) as exc:
         error = exc
     _agree(world, error)
@@ -380,20 +397,23 @@ class _Segment:
             self.context.__exit__(type(exc), exc, exc.__traceback__)
 
 
-def _join(job, out, fmt, audio_from) -> int:
+def _join(job, out, fmt, audio_from, fps) -> int:
     """The segments into the output (renamed into place), then the work folder removed; returns its frames."""
     from megan_fast import video
 
     segments = job.segments()
     if fmt:
         with out.atomic_file() as tmp:
-            count = video.join_segments(segments, tmp, fmt, audio_from, command="upscale")
+            count = video.join_segments(segments, tmp, fmt, fps, audio_from, command="upscale")
     else:
         count = 0
         with out.atomic_folder() as tmp:
             for folder in segments:
                 for name in sorted(os.listdir(folder)):
-                    os.link(os.path.join(folder, name), os.path.join(tmp, name))
+                    try:  # the work folder lies beside the output: the same file system
+                        os.link(os.path.join(folder, name), os.path.join(tmp, name))
+                    except OSError:  # one without hard links (FAT, some network shares)
+                        shutil.copyfile(os.path.join(folder, name), os.path.join(tmp, name))
                     count += 1
     job.remove()
     return count

@@ -246,10 +246,10 @@ class FrameFolderWriter:
         self.count += 1
 
 
-def join_segments(segments: list[str], path: str, fmt: str, audio_from: str | None = None,
+def join_segments(segments: list[str], path: str, fmt: str, fps: fractions.Fraction, audio_from: str | None = None,
                   command: str | None = None) -> int:
     """Writes the video of ``segments`` (files of one encoder, frames numbered in one time base) into ``path``
-    (a video of extension ``fmt``), packet for packet, with the audio of ``audio_from`` interleaved as
+    (a video of extension ``fmt``, declaring the frame rate ``fps``), packet for packet, with the audio of ``audio_from`` interleaved as
     :class:`VideoWriter` does; returns the frames written.  Nothing is encoded again: the output decodes as
     the segments do."""
     import av
@@ -264,6 +264,7 @@ def join_segments(segments: list[str], path: str, fmt: str, audio_from: str | No
         container.metadata["comment"] = written_by(command)
         with av.open(segments[0]) as first:
             stream = container.add_stream_from_template(first.streams.video[0])
+        stream.codec_context.framerate = fractions.Fraction(fps)  # what the muxer declares (Matroska's duration)
         audio.add_streams()
         for segment in segments:
             with av.open(segment) as src:
