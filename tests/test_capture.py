@@ -219,8 +219,8 @@ def tiny_model():
     return model
 
 
-def test_compiled_eval_forward_equals_eager(tiny_model):
-    # The one test that compiles the whole network with inductor (C++ code generation: a minute on 2 cores).
+def test_compiled_eval_forward_equals_eager(tiny_model, scalar_inductor):
+    # The one test that compiles the whole forward with inductor (C++ code generation: a minute on 2 cores).
     x = torch.rand(1, 2, 3, 8, 12)
     tiny_model.eval()
     compiled = torch.compile(tiny_model, fullgraph=True)

@@ -103,6 +103,28 @@ def test_interrupted_run_leaves_no_output(tmp_path, checkpoint, monkeypatch):
     assert dst.exists() and _leftovers(tmp_path) == []
 
 
+def test_segment_frames_0_writes_in_one_pass_without_a_work_folder(tmp_path, checkpoint, monkeypatch):
+    src = make_video(tmp_path / "in.mp4", frames=6, audio=False)
+    dst = tmp_path / "out.mp4"
+    original = video.VideoWriter.write
+    folders = []
+
+    def watched(self, frame, *args, **kwargs):
+        folders.append(_leftovers(tmp_path))
+        if len(folders) == 3:
+            raise KeyboardInterrupt
+        original(self, frame, *args, **kwargs)
+
+    monkeypatch.setattr(video.VideoWriter, "write", watched)
+    args = ["upscale", src, str(dst), "--checkpoint", checkpoint, "--segment-frames", "0"]
+    assert main(args) == 130
+    assert not dst.exists() and _leftovers(tmp_path) == []
+    assert all(not any(n.startswith(".megan-fast-work-") for n in seen) for seen in folders), folders
+    monkeypatch.setattr(video.VideoWriter, "write", original)
+    assert main(args) == 0
+    assert len(decoded(str(dst))[1]) == 11 and _leftovers(tmp_path) == []
+
+
 # --------------------------------------------------------------------------- output safety
 
 

@@ -84,9 +84,10 @@ def add_parser(sub) -> None:
                                 "upscale ...)")
     many.add_argument("--container", default=".mp4", help="with several inputs: the outputs' format, .mp4, .mov, "
                       ".mkv, .webm, or png for folders of PNG frames (default .mp4)")
-    many.add_argument("--segment-frames", type=int_at_least(1), default=256,
+    many.add_argument("--segment-frames", type=int_at_least(0), default=256,
                       help="output frames per segment of a long output, each kept as soon as it is made so that "
-                      "the same command resumes after a crash (default 256)")
+                      "the same command resumes after a crash (default 256); 0: one pass, no work folder and no "
+                      "resume")
     many.add_argument("--quiet", action="store_true", help="no progress bars or per-file lines (errors still show)")
     p.set_defaults(func=run)
 

@@ -147,8 +147,9 @@ def upscale_file(st: Settings, src: str, output: str, many: bool, inputs: list[s
         torch.set_flush_denormal(True)
     start = time.perf_counter()
     try:
-        if to_pipe or src == video.PIPE or (encoder is not None and encoder.codec not in SEGMENT_MUXERS):
-            if encoder is not None and not to_pipe and src != video.PIPE:
+        if to_pipe or src == video.PIPE or args.segment_frames == 0 or (encoder is not None and
+                                                                        encoder.codec not in SEGMENT_MUXERS):
+            if encoder is not None and not to_pipe and src != video.PIPE and args.segment_frames:
                 st.say(f"{output}: {encoder.codec} is written in one pass (its segments cannot be joined): a crash "
                        "loses the work done")
             count = _one_pass(st, reader, info, out, fmt, encoder, src, index) if st.world.mine(index) else 0
