@@ -11,7 +11,8 @@
   8 offset groups, mask and bias; b4 64x112 and b16 32x32).
 
 Both run with the same number of threads (torch's, given to ONNX Runtime as
-its intra-op threads).  Medians of ``megan_fast.benchmarking.median_seconds``.
+its intra-op threads); denormals are flushed to zero, as ``upscale`` and
+``eval`` do on the CPU.  Medians of ``megan_fast.benchmarking.median_seconds``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from megan_fast.benchmarking import DCN_CASES, dcn_inputs, dcn_step, median_seconds
 from megan_fast.cli._common import DEMO_CHECKPOINT
+from megan_fast.ops import modulated_deform_conv2d
 
 
 def session(path: str):
@@ -33,6 +35,8 @@ def session(path: str):
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Its threads would otherwise spin between runs and take the cores from the PyTorch runs timed beside them.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -45,21 +49,19 @@ def bench_model(repeats: int) -> None:
     with tempfile.TemporaryDirectory() as root:
         path = os.path.join(root, "demo.onnx")
         to_onnx(model, path, size=(64, 112))
-        sess = session(path)
-        feeds = {INPUT: x.numpy()}
 
         def ours():
             with torch.no_grad():
                 model(x)
 
-        def onnxruntime():
-            sess.run(None, feeds)
-
+        t_ours = median_seconds(ours, min_run_time=repeats * 5.0)  # before ONNX Runtime's threads exist
+        sess = session(path)
+        feeds = {INPUT: x.numpy()}
+        t_ort = median_seconds(lambda: sess.run(None, feeds), min_run_time=repeats * 5.0)
         with torch.no_grad():
             want = model(x).numpy()
         got = sess.run(None, feeds)[0]
         err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-        t_ours, t_ort = (median_seconds(f, min_run_time=repeats * 5.0) for f in (ours, onnxruntime))
     print("| workload | ours (PyTorch, auto) | ONNX Runtime (CPU) | ours faster by |")
     print("|---|---|---|---|")
     print(f"| demo MEGAN, one window 64x112 -> 7 x 256x448 | {t_ours:.2f} s | {t_ort:.2f} s | "
@@ -95,17 +97,16 @@ def bench_dcn() -> None:
             path = os.path.join(root, f"{case.name}.onnx")
             deform_conv_graph(case, path)
             inputs = dcn_inputs(case)
+            t_ours = median_seconds(dcn_step("auto", inputs, backward=False))
             sess = session(path)
             feeds = {n: inputs[key].numpy() for n, key in (("x", "input"), ("offset", "offset"), ("mask", "mask"))}
-            ours = dcn_step("auto", inputs, backward=False)
+            t_ort = median_seconds(lambda: sess.run(None, feeds))
             with torch.no_grad():
-                from megan_fast.ops import modulated_deform_conv2d
                 want = modulated_deform_conv2d(inputs["input"], inputs["offset"], inputs["weight"], inputs["bias"],
                                                1, 1, 1, inputs["mask"]).numpy()
             got = sess.run(None, feeds)[0]
             assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max(), case.name  # the same operation
-            t_ours = median_seconds(ours)
-            t_ort = median_seconds(lambda: sess.run(None, feeds))
+            del sess
             print(f"| {case.name} | {t_ours * 1e3:.1f} ms | {t_ort * 1e3:.1f} ms | {t_ort / t_ours:.2f}x |")
 
 
@@ -114,6 +115,7 @@ def main() -> int:
     p.add_argument("--only", default="model,dcn", help="comma-separated: model, dcn")
     p.add_argument("--repeats", type=int, default=3, help="about this many calls of the whole model each")
     args = p.parse_args()
+    torch.set_flush_denormal(True)  # as upscale and eval run on the CPU (the recurrent states decay into denormals)
     print(f"threads: {torch.get_num_threads()}")
     parts = set(args.only.split(","))
     if "dcn" in parts:
