@@ -75,13 +75,14 @@ def dcn_step(backend: str, inputs: dict, backward: bool) -> Callable[[], None]:
 
 
 def median_seconds(fn: Callable[[], None], min_run_time: float = 1.0, sync_cuda: bool = False) -> float:
-    """Median seconds per call (torch.utils.benchmark, after a warm-up call)."""
+    """Median seconds per call (torch.utils.benchmark, after a warm-up call), with torch's current threads."""
     import torch.utils.benchmark as tb
 
     fn()
     if sync_cuda:
         torch.cuda.synchronize()
-    timer = tb.Timer(stmt="fn()", globals={"fn": fn})
+    # (the Timer's own default is one thread, whatever torch.get_num_threads() says)
+    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 

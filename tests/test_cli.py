@@ -31,6 +31,21 @@ def test_bench_prints_a_ratio_row_per_case(capsys, monkeypatch):
     assert all("reference" in line and line.rstrip().endswith("x") for line in lines)
 
 
+def test_timings_run_with_the_threads_they_report():
+    # torch.utils.benchmark.Timer runs with one thread unless told: `bench --threads N` must time N.
+    import torch
+
+    from megan_fast.benchmarking import median_seconds
+
+    seen, before = [], torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        median_seconds(lambda: seen.append(torch.get_num_threads()), min_run_time=0.01)
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {2}
+
+
 def test_bad_command_exits_nonzero():
     res = subprocess.run([sys.executable, "-m", "megan_fast", "nope"], capture_output=True, text=True)
     assert res.returncode == 2 and "invalid choice" in res.stderr

@@ -322,6 +322,7 @@ def _run_job(st: Settings, reader, info, out, fmt, encoder, src, index, job) -> 
 
 def _make_segments(st: Settings, reader, info, job, mine: list[int], fmt, encoder, src) -> None:
     """Makes segments ``mine`` of ``job`` in one pass over the clip (the model runs only for their frames)."""
+    from megan_fast.background import BackgroundWriter
     from megan_fast.video.writing import _STORED_TIME_BASE
 
     args = st.args
@@ -333,9 +334,10 @@ def _make_segments(st: Settings, reader, info, job, mine: list[int], fmt, encode
     def need(j0: int, j1: int) -> bool:
         return any(k in wanted for k in range(j0 // seg, (j1 - 1) // seg + 1))
 
-    current: _Segment | None = None
+    segments = _Segments(job, info, args, encoder, tb)
     last_pts = None
     with _bar(st, sum(min(seg, job.total - k * seg) for k in mine), os.path.basename(src)) as bar:
+        background = BackgroundWriter(segments.write)  # encoding beside the model, as in one pass
         try:
             for j, frame, times in _frames(st, reader, need):
                 pts = None
@@ -343,59 +345,73 @@ def _make_segments(st: Settings, reader, info, job, mine: list[int], fmt, encode
                     pts = round(_output_time(times, j, args.rate) / tb)
                     pts = pts if last_pts is None else max(pts, last_pts + 1)
                     last_pts = pts
-                k = j // seg
-                if frame is None or k not in wanted:
+                if frame is None or j // seg not in wanted:
                     continue
-                if current is None or current.k != k:
-                    if current is not None:
-                        current.finish()
-                    current = _Segment(job, k, info, args, encoder, tb)
-                current.writer.write(frame, pts=pts)
+                background.write(j // seg, frame, pts)
                 bar.update(1)
-            if current is not None:  # the last segment, or the input ended inside one (a cut file)
-                current.finish()
-                current = None
+            background.close()
+            segments.finish()  # the last segment, or the input ended inside one (a cut file)
         except BaseException as exc:
-            if current is not None:
-                current.abandon(exc)
+            background.abort()
+            segments.abandon(exc)
             raise
     for k in mine:
         if not job.done(k):  # the input ended before it
             job.mark_empty(k)
 
 
-class _Segment:
-    """One segment being written: a temporary file (or folder) in the work folder, renamed when finished."""
+class _Segments:
+    """The segments being written, one at a time, in order: each a temporary file (or folder) in the work
+    folder, renamed when its last frame is written."""
 
-    def __init__(self, job, k: int, info, args, encoder, tb) -> None:
+    def __init__(self, job, info, args, encoder, tb) -> None:
+        self.job, self.info, self.args, self.encoder, self.tb = job, info, args, encoder, tb
+        self.k, self.context, self.writer = None, None, None
+
+    def write(self, k: int, frame, pts) -> None:
+        if k != self.k:
+            self.finish()
+            self._open(k)
+        self.writer.write(frame, pts=pts)
+
+    def _open(self, k: int) -> None:
         from megan_fast import video
         from megan_fast.jobs import SEGMENT_MUXERS
         from megan_fast.video.encoders import Encoder
 
-        self.k = k
-        path = job.segment_path(k)
+        path = self.job.segment_path(k)
+        self.writer = None
         target = outputs.Output(path, "segment", outputs.Kind("segment", by_name=True, entries=r".*"), True, path)
-        self.context = target.atomic_file() if encoder else target.atomic_folder()
+        self.context = target.atomic_file() if self.encoder else target.atomic_folder()
         tmp = self.context.__enter__()
-        if encoder:
-            self.writer = video.VideoWriter(tmp, info.fps * args.rate, 4 * info.width, 4 * info.height,
-                                            time_base=tb, colour=info.colour,
-                                            encoder=Encoder(SEGMENT_MUXERS[encoder.codec], encoder.codec,
-                                                            encoder.options, encoder.pix_fmt))
+        self.k = k
+        if self.encoder:
+            enc = self.encoder
+            self.writer = video.VideoWriter(tmp, self.info.fps * self.args.rate, 4 * self.info.width,
+                                            4 * self.info.height, time_base=self.tb, colour=self.info.colour,
+                                            encoder=Encoder(SEGMENT_MUXERS[enc.codec], enc.codec, enc.options,
+                                                            enc.pix_fmt))
         else:
-            self.writer = FrameFolderWriter(tmp, bits=info.bits, start=k * job.segment_frames)
+            self.writer = FrameFolderWriter(tmp, bits=self.info.bits, start=k * self.job.segment_frames)
 
     def finish(self) -> None:
+        """The segment being written is closed and renamed into place."""
+        if self.context is None:
+            return
+        context, self.context = self.context, None
         if hasattr(self.writer, "close"):
             self.writer.close()
-        self.context.__exit__(None, None, None)
+        context.__exit__(None, None, None)
 
     def abandon(self, exc: BaseException) -> None:
         """After a failure (a signal included): the encoder stopped and the temporary removed."""
-        if hasattr(self.writer, "abort"):
+        if self.context is None:
+            return
+        context, self.context = self.context, None
+        if self.writer is not None and hasattr(self.writer, "abort"):
             self.writer.abort()
         with contextlib.suppress(BaseException):
-            self.context.__exit__(type(exc), exc, exc.__traceback__)
+            context.__exit__(type(exc), exc, exc.__traceback__)
 
 
 def _join(job, out, fmt, audio_from, fps) -> int:
