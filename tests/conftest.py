@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes: a core each, for the children too
     os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # no pool of compiler processes beside the other workers
     torch.set_num_threads(1)
 
 # Small random models drive recurrent states (ConvLSTM) into denormal floats,
