@@ -114,6 +114,17 @@ def test_the_full_size_megan_at_a_tiny_frame_size(files):
     assert rel_l2(run(root / "full.onnx", x), want) <= 1e-4
 
 
+def test_onnx_runtime_runs_on_torch_threads(files):
+    root, _ = files
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        session = OnnxModel(root / "megan.onnx", ["CPUExecutionProvider"]).session
+    finally:
+        torch.set_num_threads(before)
+    assert session.get_session_options().intra_op_num_threads == 2
+
+
 def test_upscale_through_onnx_runtime_equals_the_pytorch_path(files, tmp_path, capsys):
     root, models = files
     clip = torch.rand(6, 3, 8, 12, generator=torch.Generator().manual_seed(4))

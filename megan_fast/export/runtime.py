@@ -40,6 +40,9 @@ class OnnxModel:
     Args:
         path: an ONNX file written by :func:`megan_fast.export.to_onnx` (``megan-fast export``).
         providers: ONNX Runtime execution providers, in order of preference (default: :func:`default_providers`).
+
+    ONNX Runtime runs on as many CPU threads as torch does (``torch.get_num_threads()``: ``OMP_NUM_THREADS`` or
+    ``torch.set_num_threads``), so one setting bounds both runtimes.
     """
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None) -> None:
@@ -67,7 +70,9 @@ class OnnxModel:
             raise CheckpointError(f"{self.path}: an ONNX file without megan-fast's metadata ({exc}); export models "
                                   "with megan-fast export") from None
         try:
-            self.session = ort.InferenceSession(self.path, providers=providers)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            self.session = ort.InferenceSession(self.path, options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors: one line naming the file
             raise CheckpointError(f"{self.path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
         self.providers = self.session.get_providers()
