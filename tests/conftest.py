@@ -36,17 +36,3 @@ def scalar_inductor():
 def _seed():
     torch.manual_seed(0)
 
-
-# Files that take minutes on 2 cores (ONNX exports, an inductor compile, whole-command runs), longest first.
-# pytest-xdist (--dist loadfile) hands files out in collection order: the long ones go first, so that the
-# short ones even out the processes' finishing times instead of one process ending alone on a long file.
-LONG_FILES = ("test_export.py", "test_capture.py", "test_many_inputs.py", "test_video_pipelines.py",
-              "test_upscale.py", "test_train_eval.py", "test_cli_errors.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    def rank(item):
-        name = item.path.name
-        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
-
-    items.sort(key=rank)  # stable: the order within a file, and of the other files, is kept
