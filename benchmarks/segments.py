@@ -60,8 +60,8 @@ def main() -> int:
         make_clip(src, args.frames, h, w)
         times = {"segments of 256": [], "one pass": []}
         cpu = {"segments of 256": [], "one pass": []}
+        pair = (("segments of 256", "256"), ("one pass", "0"))
         for r in range(-1, args.repeats):  # -1: a warm-up run of each, not counted
-            pair = (("segments of 256", "256"), ("one pass", "0"))
             for name, segment in pair if r % 2 else pair[::-1]:  # each goes first in turn
                 out = os.path.join(root, f"{r}-{segment}.mp4")
                 start, used = time.perf_counter(), cpu_seconds()

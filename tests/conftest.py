@@ -35,4 +35,3 @@ def scalar_inductor():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-

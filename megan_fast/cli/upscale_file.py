@@ -345,9 +345,10 @@ def _make_segments(st: Settings, reader, info, job, mine: list[int], fmt, encode
                     pts = round(_output_time(times, j, args.rate) / tb)
                     pts = pts if last_pts is None else max(pts, last_pts + 1)
                     last_pts = pts
-                if frame is None or j // seg not in wanted:
+                k = j // seg
+                if frame is None or k not in wanted:
                     continue
-                background.write(j // seg, frame, pts)
+                background.write(k, frame, pts)
                 bar.update(1)
             background.close()
             segments.finish()  # the last segment, or the input ended inside one (a cut file)
@@ -380,11 +381,10 @@ class _Segments:
         from megan_fast.video.encoders import Encoder
 
         path = self.job.segment_path(k)
-        self.writer = None
         target = outputs.Output(path, "segment", outputs.Kind("segment", by_name=True, entries=r".*"), True, path)
-        self.context = target.atomic_file() if self.encoder else target.atomic_folder()
-        tmp = self.context.__enter__()
-        self.k = k
+        context = target.atomic_file() if self.encoder else target.atomic_folder()
+        tmp = context.__enter__()
+        self.k, self.context, self.writer = k, context, None  # abandon() now removes the temporary
         if self.encoder:
             enc = self.encoder
             self.writer = video.VideoWriter(tmp, self.info.fps * self.args.rate, 4 * self.info.width,
